@@ -1,0 +1,128 @@
+"""Continue a prefix with a trained model (the GPT2-Chinese generate.py, with its flags)."""
+import argparse
+import random
+import re
+import time
+from pathlib import Path
+
+from gpt2zh.errors import UserError, run_cli
+
+SPECIALS = r"\[CLS\]|\[SEP\]|\[MASK\]"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # The original's flags.
+    p.add_argument("--device", default="0,1,2,3", help="GPU ids (the first existing one is used); CPU without GPUs")
+    p.add_argument("--length", type=int, default=-1, help="tokens to generate; -1: the model's n_ctx")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="samples drawn at once (default: all --nsamples in one batch)")
+    p.add_argument("--nsamples", type=int, default=10, help="how many samples")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--topk", type=int, default=8, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--topp", type=float, default=0.0, help="nucleus sampling threshold in (0, 1] (0 or 1: off)")
+    p.add_argument("--model_config", default="config/model_config_small.json",
+                   help="unused, as in the original: the config is read from --model_path")
+    p.add_argument("--tokenizer_path", default=None,
+                   help="vocabulary; default: the tokenizer saved with the model, else cache/vocab_small.txt")
+    p.add_argument("--model_path", default="model/final_model", help="a model folder written by train.py")
+    p.add_argument("--prefix", default="萧炎", help="the text to continue ([CLS] starts a new article)")
+    p.add_argument("--no_wordpiece", action="store_true", help="tokenize the prefix character by character")
+    p.add_argument("--fast_pattern", action="store_true", help="accepted for compatibility: the KV cache is always on")
+    p.add_argument("--save_samples", action="store_true", help="also write the samples to a file")
+    p.add_argument("--save_samples_path", default=".", help="folder for samples.txt")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL's penalty on tokens already present")
+    # Additions.
+    p.add_argument("--seed", type=int, default=None, help="random seed (printed when not given)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 weights where the hardware has fast bf16")
+    return p.parse_args(argv)
+
+
+def validate(args):
+    checks = [(args.length == 0 or args.length < -1, f"--length {args.length}: must be positive (or -1 for n_ctx)"),
+              (args.nsamples < 1, f"--nsamples {args.nsamples}: must be at least 1"),
+              (args.batch_size is not None and args.batch_size < 1, f"--batch_size {args.batch_size}: must be at least 1"),
+              (args.temperature <= 0, f"--temperature {args.temperature}: must be greater than 0"),
+              (args.topk < 0, f"--topk {args.topk}: must be 0 (off) or more"),
+              (not 0 <= args.topp <= 1, f"--topp {args.topp}: must be in (0, 1] (or 0 for off)"),
+              (args.repetition_penalty <= 0, f"--repetition_penalty {args.repetition_penalty}: must be positive")]
+    for failed, message in checks:
+        if failed:
+            raise UserError(message)
+
+
+def encode_prefix(tokenizer, prefix, no_wordpiece):
+    if no_wordpiece:
+        vocab = tokenizer.get_vocab()
+        parts = re.split(f"({SPECIALS})", prefix)
+        ids = []
+        for part in parts:
+            ids += [vocab[part]] if part in vocab else [vocab.get(c.lower(), tokenizer.unk_token_id)
+                                                         for c in part if not c.isspace()]
+        return ids
+    return tokenizer(prefix, add_special_tokens=False)["input_ids"]
+
+
+def main():
+    args = parse_args()
+    validate(args)
+    import torch
+
+    from gpt2zh.checkpoints import load_model_folder
+    from gpt2zh.console import progress_bar
+    from gpt2zh.devices import resolve_devices
+    from gpt2zh.model import bf16_supported, quiet_transformers
+    from gpt2zh.sampling import ids_to_text, make_logits_processors, sample
+
+    quiet_transformers()
+    gpu_ids = resolve_devices(args.device)
+    device = torch.device(f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu")
+    model, tokenizer = load_model_folder(args.model_path, args.tokenizer_path)
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_supported(device))
+    model.to(device, dtype=torch.bfloat16 if use_bf16 else torch.float32).eval()
+    n_ctx = getattr(model.config, "n_ctx", model.config.n_positions)
+    length = n_ctx if args.length == -1 else args.length
+
+    prefix_ids = encode_prefix(tokenizer, args.prefix, args.no_wordpiece)
+    vocab = tokenizer.get_vocab()
+    missing = sorted({c for c in re.sub(SPECIALS, "", args.prefix) if not c.isspace() and c.lower() not in vocab})
+    if missing:
+        print(f"warning: these characters of --prefix are not in the vocabulary and become [UNK]: {''.join(missing)}")
+    if not prefix_ids:
+        raise UserError("--prefix is empty; give some text to continue, e.g. --prefix \"[CLS]悟空大喝一声\"")
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    print(f"seed: {seed}")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    suppress = [tokenizer.unk_token_id, tokenizer.pad_token_id]
+    processors = make_logits_processors(args.temperature, args.topk, args.topp, args.repetition_penalty, suppress)
+    batch_size = args.batch_size or args.nsamples
+
+    samples_file = None
+    if args.save_samples:
+        Path(args.save_samples_path).mkdir(parents=True, exist_ok=True)
+        samples_file = open(Path(args.save_samples_path) / "samples.txt", "w", encoding="utf-8")
+    generated, start = 0, time.time()
+    while generated < args.nsamples:
+        rows = min(batch_size, args.nsamples - generated)
+        with progress_bar(total=rows * length, unit="tok", desc=f"sampling {rows}", leave=False) as bar:
+            out = sample(model, prefix_ids, length, rows, processors, n_ctx, generator=generator,
+                         on_step=lambda: bar.update(rows))
+        for row in out.tolist():
+            generated += 1
+            info = "=" * 40 + " SAMPLE " + str(generated) + " " + "=" * 40 + "\n"
+            text = ids_to_text(tokenizer, row)
+            print(info)
+            print(text)
+            if samples_file:
+                samples_file.write(info + text + "\n" + "=" * 90 + "\n\n")
+    print("=" * 80)
+    elapsed = time.time() - start
+    print(f"{generated} samples x {length} tokens in {elapsed:.1f} s ({generated * length / elapsed:,.0f} tokens/s)")
+    if samples_file:
+        samples_file.close()
+        print(f"saved to {Path(args.save_samples_path) / 'samples.txt'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,51 @@
+"""Which devices to run on: --device ids against the GPUs that exist, and torchrun's processes."""
+import os
+
+import torch
+
+from .errors import UserError
+
+
+def parse_device_ids(spec, flag="--device"):
+    """'0,1' -> [0, 1]; 'cpu' -> []. Anything else is the user's mistake."""
+    spec = spec.strip().lower()
+    if spec in ("cpu", ""):
+        return []
+    ids = []
+    for part in spec.split(","):
+        part = part.strip().removeprefix("cuda:")
+        if not part.isdigit():
+            raise UserError(f"{flag} {spec}: GPU ids are whole numbers separated by commas, e.g. {flag} 0,1 "
+                            f"(or {flag} cpu)")
+        ids.append(int(part))
+    return list(dict.fromkeys(ids))
+
+
+def resolve_devices(spec, flag="--device", say=print):
+    """The GPU ids to use (existing ones of those asked for), or [] for the CPU. Says what it chose."""
+    asked = parse_device_ids(spec, flag)
+    available = torch.cuda.device_count()
+    if not asked:
+        say("device: CPU")
+        return []
+    if available == 0:
+        say(f"device: CPU ({flag} {spec} names GPUs, but this machine has none)")
+        return []
+    existing = [i for i in asked if i < available]
+    if not existing:
+        existing = [0]
+        say(f"{flag} {spec}: this machine has {available} GPU(s) (ids 0-{available - 1}); using GPU 0")
+    elif len(existing) < len(asked):
+        say(f"{flag} {spec}: GPU(s) {', '.join(str(i) for i in asked if i >= available)} do not exist here; "
+            f"using {', '.join(map(str, existing))}")
+    for i in existing:
+        say(f"device: GPU {i} ({torch.cuda.get_device_name(i)})")
+    return existing
+
+
+def distributed_rank():
+    """(rank, local_rank, world_size) under torchrun, else (0, 0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 0, 1
+    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world

@@ -1,0 +1,214 @@
+"""The GPT-2 model: config files, construction, and a CPU attention that keeps dropout affordable."""
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+ATTENTION = "gpt2zh_blocked"  # registered with transformers below
+QUERY_BLOCK = 128  # measured fastest of 64/128/256/512 for 12 heads x 1024 tokens in bf16 on CPU
+
+
+def quiet_transformers():
+    """No progress bars for loading and saving weights: ours show the work that takes time."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def load_config(path):
+    from transformers import GPT2Config
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: model config not found; use --model_config config/model_config_small.json")
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    # GPT2Config's default token ids are GPT-2's own (50256); ours come from the vocabulary.
+    config = GPT2Config(**{"bos_token_id": None, "eos_token_id": None, **settings})
+    if "n_ctx" in settings and settings["n_ctx"] > config.n_positions:
+        raise UserError(f"{path}: n_ctx {settings['n_ctx']} exceeds n_positions {config.n_positions}")
+    config.n_ctx = settings.get("n_ctx", config.n_positions)
+    return config
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def dropout_mask(shape, p):
+    """A Bernoulli keep-mask drawn from 16 random bits an element (half the bits of torch.rand's
+    draws), and the exact keep probability it realises."""
+    threshold = round(p * 65536)
+    numel = 1
+    for size in shape:
+        numel *= size
+    bits = torch.randint(-2**31, 2**31 - 1, ((numel + 1) // 2,), dtype=torch.int32).view(torch.int16)[:numel]
+    return (bits >= threshold - 32768).view(shape), 1 - threshold / 65536
+
+
+class CheapDropout(torch.nn.Module):
+    """nn.Dropout with the 16-bit mask above: on CPU, torch's bernoulli_ is the slow part of dropout."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep, keep_prob = dropout_mask(x.shape, self.p)
+        return x * keep * (1 / keep_prob)
+
+
+def blocked_causal_attention(query, key, value, dropout, scale):
+    """Causal attention with dropout on the probabilities, a block of queries at a time.
+
+    Skips the masked upper triangle (half the work) and never holds the whole [T, T] score matrix.
+    query/key/value: [batch, heads, T, head_dim] -> [batch, heads, T, head_dim].
+    """
+    length = query.shape[2]
+    outputs = []
+    for start in range(0, length, QUERY_BLOCK):
+        end = min(start + QUERY_BLOCK, length)
+        scores = torch.matmul(query[:, :, start:end], key[:, :, :end].transpose(-1, -2)) * scale  # [B, H, q, end]
+        future = torch.ones(end - start, end, dtype=torch.bool, device=query.device).triu(start + 1)
+        probs = torch.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1).to(value.dtype)
+        keep, keep_prob = dropout_mask(probs.shape, dropout)
+        outputs.append(torch.matmul(probs * keep * (1 / keep_prob), value[:, :, :end]))
+    return torch.cat(outputs, dim=2)
+
+
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function: SDPA, except training-time attention dropout on CPU,
+    where SDPA falls back to a slow path that materialises everything (about 10x slower)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if dropout > 0 and query.device.type == "cpu" and attention_mask is None and query.shape[2] == key.shape[2]:
+        output = blocked_causal_attention(query, key, value, dropout, scaling)
+        return output.transpose(1, 2), None  # [B, T, H, D] as transformers expects
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def register_attention():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def build_model(config, pretrained_model=None, attn_dropout=True):
+    """A GPT2LMHeadModel from zero (or from `pretrained_model`) using the fast attention.
+
+    attn_dropout=False sets attn_pdrop to 0, the documented speed switch.
+    """
+    from transformers import GPT2LMHeadModel
+
+    quiet_transformers()
+    register_attention()
+    if pretrained_model:
+        path = Path(pretrained_model)
+        if not (path / "config.json").is_file():
+            raise UserError(f"--pretrained_model {path}: not a model folder (no config.json)")
+        model = GPT2LMHeadModel.from_pretrained(path, attn_implementation=ATTENTION)
+    else:
+        model = GPT2LMHeadModel._from_config(config, attn_implementation=ATTENTION)
+    model.loss_type = "ForCausalLM"  # the default; saying so keeps transformers from warning
+    if not attn_dropout:
+        model.config.attn_pdrop = 0.0
+        for module in model.modules():
+            if module.__class__.__name__ == "GPT2Attention":
+                module.attn_dropout.p = 0.0
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.Dropout):
+                setattr(parent, name, CheapDropout(child.p))
+    if model.config.activation_function == "gelu_new":
+        model.config.activation_function = "gelu_pytorch_tanh"  # the same function, one fused kernel
+        for block in model.transformer.h:
+            block.mlp.act = torch.nn.GELU(approximate="tanh")
+    return model
+
+
+def bf16_supported(device):
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def autocast_dtype(device, precision, fp16):
+    """The autocast dtype for `--precision` (auto/bf16/fp32) and `--fp16`; None means plain fp32."""
+    if fp16:
+        if device.type != "cuda":
+            raise UserError("--fp16: needs a CUDA GPU; on CPU use --precision bf16 (the default where supported)")
+        return torch.float16
+    if precision == "fp32":
+        return None
+    if precision == "bf16" and not bf16_supported(device):
+        raise UserError(f"--precision bf16: this {device.type.upper()} has no fast bf16; use --precision fp32")
+    return torch.bfloat16 if bf16_supported(device) else None
+
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `labels` (-100: ignored), a chunk of rows at a
+    time, with the gradients computed in the same pass.
+
+    Never materialises the fp32 [tokens, vocab] logits and their gradient, which cost more than the
+    output matmul itself on CPU; chunks of 256 rows stay in cache and out of the page-fault path of
+    large allocations (measured: 2048-row chunks are 3x slower). hidden: [N, E] (compute dtype), weight: [V, E] fp32, labels: [N].
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_rows):
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(hidden.dtype)
+            valid = labels != -100
+            count = valid.sum().clamp(min=1)
+            precise = torch.promote_types(hidden.dtype, torch.float32)  # softmax in fp32 at least
+            total = torch.zeros((), dtype=precise, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros_like(weight)
+            for start in range(0, hidden.shape[0], chunk_rows):
+                h, y, v = (t[start:start + chunk_rows] for t in (hidden, labels, valid))
+                logits = (h @ w.T).to(precise)  # [rows, V]
+                target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
+                top = logits.amax(dim=-1, keepdim=True)
+                probs = logits.sub_(top).exp_()  # one exp pass gives both the loss and the softmax
+                total_mass = probs.sum(dim=-1, keepdim=True)
+                total += ((top + total_mass.log())[:, 0] - target).mul(v).sum()
+                probs.div_(total_mass)
+                probs[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1
+                grad = probs.mul_(v[:, None] / count).to(h.dtype)
+                grad_hidden[start:start + chunk_rows] = grad @ w
+                grad_weight += grad.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+class CausalLMLoss(torch.nn.Module):
+    """The model and its next-token loss in one module, so DDP, DataParallel and torch.compile wrap both."""
+
+    def __init__(self, lm, chunk_rows=256):
+        super().__init__()
+        self.lm = lm
+        self.chunk_rows = chunk_rows
+
+    def forward(self, input_ids, labels):
+        hidden = self.lm.transformer(input_ids=input_ids).last_hidden_state  # [B, T, E]
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):  # the final layer norm hands back fp32
+            hidden = hidden.to(torch.get_autocast_dtype(device))
+        # position t predicts token t+1
+        return LinearCrossEntropy.apply(hidden[:, :-1].flatten(0, 1), self.lm.lm_head.weight,
+                                        labels[:, 1:].flatten(), self.chunk_rows)

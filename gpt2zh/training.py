@@ -1,0 +1,344 @@
+"""The training loop: pieces -> shuffled windows -> AdamW steps, with checkpoints that survive anything."""
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoints
+from .console import progress_bar
+from .curves import MetricsLog
+from .devices import distributed_rank, resolve_devices
+from .errors import UserError
+from .evaluation import evaluate, summarize
+from .model import CausalLMLoss, autocast_dtype, build_model, count_parameters, load_config
+from .pieces import build_pieces, check_pieces, load_pieces, make_batch, make_windows
+from .text import load_articles
+from .vocab import encode_articles, load_tokenizer
+
+# Flags that define the sequence of optimizer steps: a resumed run must use the same ones.
+RUN_SETTINGS = ("model_config", "stride", "batch_size", "gradient_accumulation", "epochs", "num_pieces",
+                "min_length", "lr", "warmup_steps", "lr_schedule", "weight_decay", "seed", "eval_ratio")
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to save a checkpoint and stop after the current step;
+    a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        tqdm.write(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                   f"(Ctrl-C again to stop at once)")
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def validate(args, n_ctx):
+    checks = [(args.stride <= 0 or args.stride > n_ctx, f"--stride {args.stride}: must be between 1 and n_ctx "
+                                                          f"({n_ctx}) of {args.model_config}"),
+              (args.num_pieces < 1, f"--num_pieces {args.num_pieces}: must be at least 1"),
+              (args.epochs < 1, f"--epochs {args.epochs}: must be at least 1"),
+              (args.batch_size < 1, f"--batch_size {args.batch_size}: must be at least 1"),
+              (args.gradient_accumulation < 1, f"--gradient_accumulation {args.gradient_accumulation}: must be at least 1"),
+              (args.lr <= 0, f"--lr {args.lr}: must be positive"),
+              (not 0 <= args.eval_ratio < 1, f"--eval_ratio {args.eval_ratio}: must be in [0, 1)"),
+              (args.resume and args.overwrite, "--resume and --overwrite contradict each other; choose one")]
+    for failed, message in checks:
+        if failed:
+            raise UserError(message)
+
+
+def split_eval_tail(pieces, ratio):
+    """Hold out the last `ratio` of the token stream: (training pieces, held-out ids)."""
+    total = sum(len(p) for p in pieces)
+    cut = int(total * (1 - ratio))
+    train, held_out, offset = [], [], 0
+    for piece in pieces:
+        keep = max(0, min(len(piece), cut - offset))
+        if keep:
+            train.append(piece[:keep])
+        held_out.append(piece[keep:])
+        offset += len(piece)
+    return train, np.concatenate(held_out)
+
+
+def epoch_order(n_windows, seed, epoch, rank, world):
+    """This rank's window indices for an epoch: one shuffle shared by all ranks, dealt round-robin."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_windows)
+    if world > 1:
+        order = np.resize(order, math.ceil(n_windows / world) * world)  # wrap so every rank gets as many
+    return order[rank::world]
+
+
+def make_optimizer(model, args, device):
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type in ("cpu", "cuda"))
+
+
+def make_scheduler(optimizer, args, total_steps):
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    schedule = get_cosine_schedule_with_warmup if args.lr_schedule == "cosine" else get_linear_schedule_with_warmup
+    return schedule(optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)
+
+
+def is_out_of_memory(error):
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error) \
+        or "out of memory" in str(error).lower()
+
+
+def train(args):
+    rank, local_rank, world = distributed_rank()
+    main_process = rank == 0
+    say = print if main_process else (lambda *a, **k: None)
+    output_dir = Path(args.output_dir)
+
+    config = load_config(args.model_config)
+    n_ctx = config.n_ctx
+    validate(args, n_ctx)
+    tokenizer = load_tokenizer(args.tokenizer_path)
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"{args.tokenizer_path} has {len(tokenizer)} tokens but {args.model_config} has vocab_size "
+                        f"{config.vocab_size}; set vocab_size to at least {len(tokenizer)} or use a matching vocabulary")
+
+    # ---- a previous run in output_dir: resume it, or replace it only when asked -------------------
+    previous = checkpoints.previous_run(output_dir)
+    resume_from = None
+    if args.resume:
+        resume_from = output_dir / checkpoints.CHECKPOINT if args.resume == "auto" else Path(args.resume)
+        if not (resume_from / checkpoints.STATE_FILE).is_file():
+            raise UserError(f"--resume: no resumable checkpoint in {resume_from}; run without --resume to start anew")
+    elif previous and not args.overwrite:
+        raise UserError(f"{output_dir} holds a previous run ({', '.join(previous)}); add --resume to continue it, "
+                        f"--overwrite to delete it and start anew, or choose another --output_dir")
+
+    # ---- devices and processes ------------------------------------------------------------------
+    if world > 1:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        say(f"device: {world} processes (DistributedDataParallel, {device.type})")
+        gpu_ids = []
+    else:
+        gpu_ids = resolve_devices(args.device)
+        device = torch.device(f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu")
+    dtype = autocast_dtype(device, args.precision, args.fp16)
+    say(f"precision: {'fp32 weights, ' + str(dtype).removeprefix('torch.') + ' autocast' if dtype else 'fp32'}")
+
+    if main_process and previous and args.overwrite:
+        say(f"--overwrite: deleting the previous run in {output_dir} ({', '.join(previous)})")
+        for name in previous:
+            shutil.rmtree(output_dir / name)
+        for name in ("metrics.jsonl", "loss_curve.png"):
+            (output_dir / name).unlink(missing_ok=True)
+
+    # ---- data -----------------------------------------------------------------------------------
+    eval_ids, eval_chars = None, None
+    if args.eval_data_path:
+        eval_articles = [a for a in load_articles(args.eval_data_path) if len(a) >= args.min_length]
+        if not eval_articles:
+            raise UserError(f"--eval_data_path {args.eval_data_path}: no article of --min_length {args.min_length} "
+                            f"characters or more")
+        eval_ids = np.array([i for a in encode_articles(tokenizer, eval_articles) for i in a], dtype=np.int64)
+        eval_chars = sum(map(len, eval_articles))
+    if args.raw and main_process:
+        say(f"tokenizing {args.raw_data_path} into {args.num_pieces} pieces in {args.tokenized_data_path}")
+        manifest = build_pieces(args.raw_data_path, tokenizer, args.tokenizer_path, args.tokenized_data_path,
+                                args.num_pieces, args.min_length)
+        say(f"  {manifest['tokens']:,} tokens from {manifest['articles']} articles "
+            f"({manifest['articles_skipped']} shorter than --min_length {args.min_length} skipped), "
+            f"[UNK] {100 * manifest['unk_tokens'] / manifest['tokens']:.3f}%")
+    if world > 1:
+        torch.distributed.barrier()
+    manifest = check_pieces(args.raw_data_path, args.tokenizer_path, args.tokenized_data_path, args.num_pieces,
+                            args.min_length)
+    pieces = load_pieces(args.tokenized_data_path, manifest)
+    if args.eval_ratio:
+        pieces, eval_ids = split_eval_tail(pieces, args.eval_ratio)
+        eval_chars = len(eval_ids)  # stand-in: a token is a character, [SEP] a newline
+    windows = make_windows(pieces, n_ctx, args.stride)
+    corpus_tokens = sum(len(p) for p in pieces)
+    if corpus_tokens < n_ctx:
+        say(f"note: the corpus has only {corpus_tokens} tokens, fewer than n_ctx {n_ctx}; training on what there is")
+
+    # ---- model, optimizer, schedule -------------------------------------------------------------
+    say("config:\n" + config.to_json_string())
+    torch.manual_seed(args.seed)  # before the weights are drawn: a run is reproducible
+    model = build_model(config, resume_from or args.pretrained_model or None, attn_dropout=not args.no_attn_dropout)
+    say(f"number of parameters: {count_parameters(model)}")
+    if args.no_attn_dropout and config.attn_pdrop:
+        say(f"--no_attn_dropout: attention dropout {config.attn_pdrop} -> 0 (faster on CPU)")
+    model.to(device)
+    model.train()
+    optimizer = make_optimizer(model, args, device)
+    batches_per_epoch = math.ceil(len(epoch_order(len(windows), 0, 0, rank, world)) / args.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation)
+    total_steps = steps_per_epoch * args.epochs
+    scheduler = make_scheduler(optimizer, args, total_steps)
+    scaler = torch.amp.GradScaler("cuda") if args.fp16 else None
+    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+
+    epoch, global_step, best_eval = 0, 0, math.inf
+    metrics = MetricsLog(output_dir, args.writer_dir, say) if main_process else None
+    if resume_from:
+        state = checkpoints.load_checkpoint(resume_from)
+        changed = [f"--{k} {settings[k]} (was {v})" for k, v in state["settings"].items() if settings.get(k) != v]
+        if changed:
+            raise UserError(f"--resume: {', '.join(changed)} differ from the run being resumed; use its flags, "
+                            f"or --overwrite to start a new run")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        checkpoints.set_rng_states(state["rng"])
+        epoch, global_step = state["position"]["epoch"], state["position"]["global_step"]
+        best_eval = state["position"].get("best_eval", math.inf)
+        if metrics:
+            metrics.truncate_after(global_step)
+        say(f"resuming {resume_from}: epoch {epoch + 1}, step {global_step} of {total_steps}")
+        if global_step >= total_steps:
+            say(f"the run already finished; its final model is in {output_dir / 'final_model'}")
+            return 0
+
+    model = CausalLMLoss(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    elif len(gpu_ids) > 1:
+        model = torch.nn.DataParallel(model, device_ids=gpu_ids)
+    if args.compile:
+        model = torch.compile(model)
+
+    say(f"{len(windows):,} windows of up to {n_ctx} tokens every {args.stride} ({corpus_tokens:,} tokens); "
+        f"{steps_per_epoch} steps an epoch of batch {args.batch_size} x {args.gradient_accumulation} x {world}; "
+        f"{total_steps} steps in all")
+
+    def save(position, reason):
+        if main_process:
+            checkpoints.save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, scaler,
+                                        position, settings)
+            tqdm.write(f"saved a resumable checkpoint to {output_dir / checkpoints.CHECKPOINT} ({reason})")
+
+    def run_eval(step):
+        total_nll, total_tokens = evaluate(checkpoints.unwrap(model), eval_ids, n_ctx, max(1, n_ctx // 2),
+                                           args.batch_size, device, dtype, progress=main_process)
+        result = summarize(total_nll, total_tokens, eval_chars)
+        if metrics:
+            metrics.log(step, eval_loss=result["loss"], eval_loss_per_char=result["loss_per_char"])
+        return result
+
+    stop = StopRequest()
+    pad_id = tokenizer.pad_token_id
+    last_save = time.time()
+    try:
+        while epoch < args.epochs:
+            order = epoch_order(len(windows), args.seed, epoch, rank, world)
+            first_step = global_step - epoch * steps_per_epoch
+            bar = progress_bar(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
+                               unit="step", disable=not main_process)
+            window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.time()
+            for step_in_epoch in range(first_step, steps_per_epoch):
+                first_batch = step_in_epoch * args.gradient_accumulation
+                batch_ids = range(first_batch, min(first_batch + args.gradient_accumulation, batches_per_epoch))
+                step_loss = 0.0
+                try:
+                    for b in batch_ids:
+                        rows = windows[order[b * args.batch_size:(b + 1) * args.batch_size]]
+                        input_ids, labels = (torch.from_numpy(a).to(device) for a in make_batch(pieces, rows, pad_id))
+                        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                            loss = model(input_ids, labels).mean() / len(batch_ids)
+                        (scaler.scale(loss) if scaler else loss).backward()
+                        step_loss += loss.item()
+                        window_tokens += int((labels != -100).sum()) * world
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                except RuntimeError as error:
+                    if is_out_of_memory(error):
+                        raise UserError(f"out of memory on {device} with --batch_size {args.batch_size}; lower "
+                                        f"--batch_size and raise --gradient_accumulation to keep the same "
+                                        f"effective batch (e.g. --batch_size {max(1, args.batch_size // 2)} "
+                                        f"--gradient_accumulation {args.gradient_accumulation * 2})") from None
+                    raise
+                global_step += 1
+                window_loss += step_loss
+                window_steps += 1
+                lr = scheduler.get_last_lr()[0]
+                tokens_per_s = window_tokens / max(time.time() - window_start, 1e-9)
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                bar.update()
+                if global_step % args.log_step == 0 or step_in_epoch == steps_per_epoch - 1:
+                    mean_loss = window_loss / window_steps
+                    if metrics:
+                        metrics.log(global_step, epoch=epoch + 1, train_loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s)
+                        tqdm.write(f"{time.strftime('%H:%M:%S')} epoch {epoch + 1} step {global_step}/{total_steps}: "
+                                   f"loss {mean_loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s")
+                    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.time()
+                if eval_ids is not None and args.eval_every and global_step % args.eval_every == 0:
+                    result = run_eval(global_step)
+                    tqdm.write(f"step {global_step}: held-out loss {result['loss']:.4f}")
+                if step_in_epoch == steps_per_epoch - 1:
+                    break  # the end of the epoch saves (and honours a stop request) below
+                position = {"epoch": epoch, "global_step": global_step, "best_eval": best_eval}
+                if stop.signal is not None:
+                    save(position, signal.Signals(stop.signal).name)
+                    say(f"stopped at step {global_step}; continue with the same command plus --resume")
+                    return 130
+                if (args.save_every and global_step % args.save_every == 0) or \
+                        time.time() - last_save > args.save_minutes * 60:
+                    save(position, f"step {global_step}")
+                    last_save = time.time()
+            bar.close()
+            epoch += 1
+            if eval_ids is not None:
+                result = run_eval(global_step)
+                say(f"epoch {epoch}: held-out loss {result['loss']:.4f} ({result['perplexity']:.1f} perplexity), "
+                    f"{result['loss_per_char']:.4f} nats per character")
+                if args.keep_best and result["loss"] < best_eval and main_process:
+                    best_eval = result["loss"]
+                    checkpoints.save_model_folder(model, tokenizer, output_dir / "best_model")
+                    say(f"saved {output_dir / 'best_model'} (best held-out loss so far)")
+            if main_process:
+                checkpoints.save_model_folder(model, tokenizer, output_dir / f"model_epoch{epoch}")
+                say(f"saved {output_dir / f'model_epoch{epoch}'}")
+                save({"epoch": epoch, "global_step": global_step, "best_eval": best_eval}, f"end of epoch {epoch}")
+                last_save = time.time()
+                metrics.plot()
+            if stop.signal is not None and epoch < args.epochs:
+                say(f"stopped after epoch {epoch}; continue with the same command plus --resume")
+                return 130
+        if main_process:
+            checkpoints.save_model_folder(model, tokenizer, output_dir / "final_model")
+            plot = metrics.plot()
+            say(f"saved {output_dir / 'final_model'}" + (f"; loss curve in {plot}" if plot else
+                                                          " (install matplotlib for a loss-curve PNG)"))
+    finally:
+        stop.restore()
+        if metrics:
+            metrics.close()
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    return 0

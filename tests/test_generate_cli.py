@@ -1,0 +1,74 @@
+import json
+import re
+
+import pytest
+
+from conftest import run
+
+REFERENCE = ["--device", "1", "--length", "40", "--tokenizer_path", "cache/vocab_small.txt", "--model_path",
+             "model/final_model", "--prefix", "[CLS]悟空大喝一声", "--topp", "1", "--temperature", "1.0",
+             "--save_samples", "--save_samples_path", "./mnt/"]
+
+
+def test_reference_command_writes_ten_different_samples(trained):
+    out = run("generate.py", *REFERENCE, "--seed", "3", cwd=trained).stdout
+    saved = (trained / "mnt" / "samples.txt").read_text(encoding="utf-8")
+    blocks = re.findall(r"=+ SAMPLE (\d+) =+\n(.*?)\n=+\n", saved, flags=re.S)
+    assert [int(n) for n, _ in blocks] == list(range(1, 11))
+    texts = [text for _, text in blocks]
+    assert all(t.startswith("悟空大喝一声") for t in texts) and len(set(texts)) == 10
+    assert "[UNK]" not in saved and "[MASK]" not in saved and "[CLS]" not in saved
+    assert "SAMPLE 10" in out and "device: CPU" in out
+
+
+def test_same_seed_same_samples_and_uneven_batches_end(trained):
+    first = run("generate.py", *REFERENCE, "--seed", "5", "--nsamples", "5", "--batch_size", "2", cwd=trained).stdout
+    second = run("generate.py", *REFERENCE, "--seed", "5", "--nsamples", "5", "--batch_size", "2", cwd=trained).stdout
+    samples = lambda out: re.findall(r"SAMPLE \d+ =+\n\n(.*)", out)
+    assert len(samples(first)) == 5 and samples(first) == samples(second)
+
+
+def test_length_beyond_n_ctx_slides(trained):
+    out = run("generate.py", "--device", "cpu", "--length", "100", "--nsamples", "2", "--prefix", "悟空",
+              "--seed", "1", cwd=trained).stdout
+    assert "2 samples x 100 tokens" in out
+
+
+def test_missing_prefix_characters_are_named(trained):
+    out = run("generate.py", "--device", "cpu", "--length", "5", "--nsamples", "1", "--prefix", "悟空\U00020000",
+              cwd=trained).stdout
+    assert "not in the vocabulary and become [UNK]: \U00020000" in out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--length", "0"], "--length 0: must be positive"),
+    (["--topp", "1.5"], "--topp 1.5: must be in (0, 1]"),
+    (["--topk", "-1"], "--topk -1: must be 0 (off) or more"),
+    (["--temperature", "0"], "--temperature 0.0: must be greater than 0"),
+    (["--model_path", "model/final_model/model.safetensors"], "is a file; give the folder that holds it"),
+    (["--model_path", "empty"], "--model_path empty: has no config.json"),
+    (["--model_path", "nowhere"], "--model_path nowhere: does not exist"),
+    (["--tokenizer_path", "other_vocab.txt"], "is not the vocabulary the model was trained with"),
+])
+def test_bad_generation_flags(trained, flags, message):
+    (trained / "empty").mkdir(exist_ok=True)
+    (trained / "other_vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n我\n", encoding="utf-8")
+    result = run("generate.py", "--device", "cpu", "--nsamples", "1", *flags, cwd=trained, check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_eval_reproduces_the_held_out_loss_of_training(trained):
+    rows = [json.loads(line) for line in (trained / "model" / "metrics.jsonl").read_text().splitlines()]
+    during_training = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+    out = run("eval.py", "--pretrained_model", "model/final_model", "--raw_data_path", "data/eval.json", "--raw",
+              "--device", "cpu", "--num_pieces", "1", "--min_length", "10", "--precision", "fp32", cwd=trained).stdout
+    result = json.loads((trained / "eval_result" / "result.json").read_text())
+    assert "using 16" in out  # --stride 768 > n_ctx 32 becomes n_ctx // 2, as in training
+    assert abs(result["loss"] - during_training) < 1e-4
+    assert result["perplexity"] > 1 and result["loss_per_char"] > 0
+
+
+def test_eval_without_pieces_says_to_add_raw(trained):
+    result = run("eval.py", "--device", "cpu", "--tokenized_data_path", "nowhere/", cwd=trained, check=False)
+    assert result.returncode == 2 and "add --raw" in result.stderr

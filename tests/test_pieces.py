@@ -1,0 +1,72 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from gpt2zh.errors import UserError
+from gpt2zh.pieces import build_pieces, check_pieces, load_pieces, make_batch, make_windows, window_starts
+from gpt2zh.vocab import load_tokenizer
+
+VOCAB = ROOT / "cache" / "vocab_small.txt"
+
+
+def test_windows_cover_every_token():
+    assert window_starts(10, 16, 4) == [0]  # shorter than n_ctx: trained on whole
+    assert window_starts(16, 16, 4) == [0]
+    assert window_starts(30, 16, 8) == [0, 8, 14]  # the leftover end gets its own window
+    assert window_starts(32, 16, 8) == [0, 8, 16]
+    for length in range(1, 60):
+        covered = set()
+        for start in window_starts(length, 16, 5):
+            covered.update(range(start, min(start + 16, length)))
+        assert covered == set(range(length))
+
+
+def test_short_windows_are_padded_with_ignored_labels():
+    pieces = [np.arange(5, 10, dtype=np.uint16), np.arange(20, 40, dtype=np.uint16)]
+    windows = make_windows(pieces, n_ctx=8, stride=8)
+    assert windows.tolist() == [[0, 0, 5], [1, 0, 8], [1, 8, 8], [1, 12, 8]]
+    input_ids, labels = make_batch(pieces, windows[:2], pad_id=0)
+    assert input_ids[0].tolist() == [5, 6, 7, 8, 9, 0, 0, 0]
+    assert labels[0].tolist() == [5, 6, 7, 8, 9, -100, -100, -100]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(["第一回\n甲乙丙丁。", "短", "第二回\n戊己庚辛。"], ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_more_pieces_than_articles_and_min_length(corpus, tmp_path):
+    tokenizer = load_tokenizer(VOCAB)
+    manifest = build_pieces(corpus, tokenizer, VOCAB, tmp_path / "tok", num_pieces=5, min_length=2)
+    pieces = load_pieces(str(tmp_path / "tok") + "/", manifest)  # a trailing slash is fine
+    stream = np.concatenate(pieces).tolist()
+    assert len(pieces) == 5 and manifest["articles"] == 2 and manifest["articles_skipped"] == 1
+    assert tokenizer.convert_ids_to_tokens(stream[:5]) == ["[MASK]", "第", "一", "回", "[SEP]"]
+    assert stream.count(tokenizer.convert_tokens_to_ids("[CLS]")) == 2
+    assert pieces[0].dtype == np.uint16
+
+
+def test_stale_pieces_say_what_changed(corpus, tmp_path):
+    tokenizer = load_tokenizer(VOCAB)
+    build_pieces(corpus, tokenizer, VOCAB, tmp_path / "tok", num_pieces=2, min_length=2)
+    assert check_pieces(corpus, VOCAB, tmp_path / "tok", 2, 2)["num_pieces"] == 2
+    with pytest.raises(UserError, match="--num_pieces changed.*add --raw"):
+        check_pieces(corpus, VOCAB, tmp_path / "tok", 3, 2)
+    other_vocab = tmp_path / "vocab.txt"
+    other_vocab.write_text(VOCAB.read_text(encoding="utf-8") + "新\n", encoding="utf-8")
+    with pytest.raises(UserError, match="the vocabulary .*vocab.txt changed"):
+        check_pieces(corpus, other_vocab, tmp_path / "tok", 2, 2)
+    corpus.write_text(json.dumps(["第一回\n甲乙丙丁戊。"], ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(UserError, match="the corpus .*train.json changed"):
+        check_pieces(corpus, VOCAB, tmp_path / "tok", 2, 2)
+    with pytest.raises(UserError, match="no tokenized pieces; add --raw"):
+        check_pieces(corpus, VOCAB, tmp_path / "elsewhere", 2, 2)
+
+
+def test_every_article_too_short(corpus, tmp_path):
+    with pytest.raises(UserError, match=r"all 3 articles are shorter than --min_length 100 characters \(the longest has 9\)"):
+        build_pieces(corpus, load_tokenizer(VOCAB), VOCAB, tmp_path / "tok", num_pieces=1, min_length=100)

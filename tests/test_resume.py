@@ -1,0 +1,85 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from safetensors.torch import load_file
+
+from conftest import ROOT, run, train_args
+
+
+def losses(model_dir):
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(prepared):
+    flags = train_args(**{"--epochs": 3, "--log_step": 1, "--batch_size": 2})
+    run("train.py", *flags, "--raw", "--output_dir", "straight", cwd=prepared)
+
+    # Interrupt a second run part-way, as Ctrl-C would; it saves a checkpoint and stops.
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, "--output_dir", "interrupted"],
+                               cwd=prepared, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if "step 7/" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    output = line + process.stdout.read()
+    assert process.wait(timeout=120) == 130, output
+    assert "saved a resumable checkpoint" in output and "--resume" in output
+    stopped_at = max(losses(prepared / "interrupted"))
+    assert 7 <= stopped_at < max(losses(prepared / "straight"))
+
+    out = run("train.py", *flags, "--output_dir", "interrupted", "--resume", cwd=prepared).stdout
+    assert f"step {stopped_at} of" in out
+    assert losses(prepared / "interrupted") == losses(prepared / "straight")
+    straight = load_file(prepared / "straight" / "final_model" / "model.safetensors")
+    resumed = load_file(prepared / "interrupted" / "final_model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert (straight[name] == resumed[name]).all(), name
+
+
+def test_sigterm_leaves_a_checkpoint_that_finishes_the_run(prepared):
+    flags = train_args(**{"--epochs": 2, "--log_step": 1, "--batch_size": 2})
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, "--raw"], cwd=prepared,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if "step 3/" in line:
+            os.kill(process.pid, signal.SIGTERM)
+            break
+    process.stdout.read()
+    assert process.wait(timeout=120) == 130
+    assert (prepared / "model" / "checkpoint" / "training_state.pt").is_file()
+    assert not (prepared / "model" / "final_model").exists()
+    result = run("train.py", *flags, cwd=prepared, check=False)
+    assert result.returncode == 2 and "add --resume" in result.stderr
+    run("train.py", *flags, "--resume", cwd=prepared)
+    assert (prepared / "model" / "final_model" / "model.safetensors").is_file()
+
+
+def test_resume_refuses_changed_flags(prepared):
+    flags = train_args(**{"--epochs": 1})
+    run("train.py", *flags, "--raw", cwd=prepared)
+    result = run("train.py", *train_args(**{"--epochs": 1, "--stride": 16}), "--resume", cwd=prepared, check=False)
+    assert result.returncode == 2 and "--stride 16 (was 32)" in result.stderr
+
+
+def test_a_save_killed_half_way_keeps_the_previous_checkpoint(tmp_path):
+    from gpt2zh.fileio import new_tmp_dir, recover_dir, replace_dir_atomic
+
+    final = tmp_path / "checkpoint"
+    final.mkdir()
+    (final / "state").write_text("old")
+    tmp = new_tmp_dir(final)
+    (tmp / "state").write_text("new, half written")
+    # died before publishing: the old folder is untouched
+    assert (final / "state").read_text() == "old"
+    # died between the two renames: the old folder is put back on the next load
+    os.replace(final, final.with_name("checkpoint.old"))
+    recover_dir(final)
+    assert (final / "state").read_text() == "old"
+    replace_dir_atomic(tmp, final)
+    assert (final / "state").read_text() == "new, half written" and not final.with_name("checkpoint.old").exists()

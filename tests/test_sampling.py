@@ -1,0 +1,48 @@
+import torch
+
+from conftest import ROOT, TINY_CONFIG
+from gpt2zh.model import build_model, load_config
+from gpt2zh.sampling import ids_to_text, make_logits_processors, sample
+from gpt2zh.vocab import load_tokenizer
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    model = build_model(load_config(TINY_CONFIG)).eval()
+    with torch.no_grad():  # make it peaky enough that greedy decoding is not a string of ties
+        model.transformer.wte.weight.mul_(20)
+    return model
+
+
+def test_cache_gives_the_same_greedy_tokens_as_recomputing():
+    model = tiny_model()
+    processors = make_logits_processors(1.0, 0, 0, 1.0, [])
+    with_cache = sample(model, [4, 100, 200], 25, 2, processors, n_ctx=32, greedy=True)
+    without = sample(model, [4, 100, 200], 25, 2, processors, n_ctx=32, greedy=True, use_cache=False)
+    assert with_cache.tolist() == without.tolist()
+
+
+def test_samples_differ_and_slide_past_n_ctx():
+    model = tiny_model()
+    processors = make_logits_processors(1.0, 0, 0, 1.0, [1])
+    generator = torch.Generator().manual_seed(0)
+    out = sample(model, [4, 100], 80, 3, processors, n_ctx=32, generator=generator)  # 82 tokens > n_ctx 32
+    assert out.shape == (3, 82)
+    assert len({tuple(row) for row in out.tolist()}) == 3
+
+
+def test_unk_is_never_sampled_and_penalty_is_sign_aware():
+    processors = make_logits_processors(1.0, 0, 0, 2.0, [1])
+    scores = torch.tensor([[1.0, 100.0, -2.0, 4.0]])
+    out = processors(torch.tensor([[2, 3]]), scores.clone())
+    assert out[0, 1] == float("-inf")
+    assert out[0, 2].item() == -4.0 and out[0, 3].item() == 2.0  # negative x2, positive /2
+
+
+def test_output_text_format():
+    tokenizer = load_tokenizer(ROOT / "cache" / "vocab_small.txt")
+    tokens = ["[MASK]", "第", "一", "[SEP]", "he", "##llo", "world", "！", "[CLS]", "[MASK]", "下"]
+    text = ids_to_text(tokenizer, tokenizer.convert_tokens_to_ids([t if t not in ("he", "world") else "h" for t in tokens]))
+    assert text.startswith("第一\nh")
+    ids = tokenizer.convert_tokens_to_ids(["你", "[SEP]", "a", "##b", "c", "[CLS]", "[MASK]", "好"])
+    assert ids_to_text(tokenizer, ids) == "你\nab c\n\n好"

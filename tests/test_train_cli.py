@@ -1,0 +1,88 @@
+import json
+import shutil
+
+import pytest
+
+from conftest import TINY_CONFIG, run, train_args
+
+
+def test_pipeline_trains_and_saves_loadable_folders(trained):
+    model_dir = trained / "model"
+    assert {"model_epoch1", "model_epoch2", "final_model", "checkpoint"} <= {p.name for p in model_dir.iterdir()}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir / "final_model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "final_model")
+    assert (model_dir / "final_model" / "model.safetensors").is_file()
+    assert tokenizer.convert_ids_to_tokens(tokenizer("悟空")["input_ids"])[1:3] == ["悟", "空"]
+    assert model.config.n_ctx == 32
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert train_losses[-1] < train_losses[0]
+    assert len([r for r in rows if "eval_loss" in r]) == 2
+    manifest = json.loads((trained / "data" / "tokenized" / "manifest.json").read_text())
+    assert manifest["num_pieces"] == 2 and manifest["unk_tokens"] == 0
+
+
+def test_prints_what_a_user_watches(trained, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(trained, work, ignore=shutil.ignore_patterns("model"))
+    out = run("train.py", *train_args(**{"--epochs": 1}), cwd=work).stdout
+    assert "number of parameters:" in out and "device: CPU" in out and "saved model/final_model" in out
+    assert "Traceback" not in out and "warn" not in out.lower()
+
+
+def test_device_ids_without_gpus_fall_back_to_cpu(prepared):
+    out = run("train.py", *train_args(**{"--device": "0,1", "--epochs": 1}), "--raw", cwd=prepared).stdout
+    assert "device: CPU (--device 0,1 names GPUs, but this machine has none)" in out
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"--stride": 0}, "--stride 0: must be between 1 and n_ctx (32)"),
+    ({"--stride": 33}, "--stride 33: must be between 1 and n_ctx (32)"),
+    ({"--num_pieces": 0}, "--num_pieces 0: must be at least 1"),
+    ({"--device": "gpu0"}, "--device gpu0: GPU ids are whole numbers"),
+    ({"--model_config": "config/nope.json"}, "config/nope.json: model config not found"),
+    ({"--tokenizer_path": "cache/nope.txt"}, "cache/nope.txt: vocabulary not found"),
+    ({"--min_length": 100000}, "shorter than --min_length 100000 characters (the longest has"),
+])
+def test_bad_training_flags(prepared, flags, message):
+    result = run("train.py", *train_args(**flags), "--raw", cwd=prepared, check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (prepared / "model").exists()
+
+
+def test_vocabulary_larger_than_the_config(prepared):
+    config = json.loads(TINY_CONFIG.read_text())
+    (prepared / "small.json").write_text(json.dumps({**config, "vocab_size": 100}))
+    result = run("train.py", *train_args(**{"--model_config": "small.json"}), "--raw", cwd=prepared, check=False)
+    assert result.returncode == 2 and "has 13317 tokens but small.json has vocab_size 100" in result.stderr
+
+
+def test_stale_or_missing_pieces_without_raw(prepared):
+    result = run("train.py", *train_args(), cwd=prepared, check=False)
+    assert result.returncode == 2 and "no tokenized pieces; add --raw" in result.stderr
+    run("train.py", *train_args(**{"--epochs": 1}), "--raw", cwd=prepared)
+    with (prepared / "data" / "train.json").open("a") as f:
+        f.write(" ")
+    result = run("train.py", *train_args(), "--overwrite", cwd=prepared, check=False)
+    assert result.returncode == 2 and "stale: the corpus data/train.json changed" in result.stderr
+
+
+def test_a_previous_run_is_never_overwritten_silently(prepared):
+    run("train.py", *train_args(**{"--epochs": 1}), "--raw", cwd=prepared)
+    weights = (prepared / "model" / "final_model" / "model.safetensors").read_bytes()
+    result = run("train.py", *train_args(**{"--epochs": 1}), cwd=prepared, check=False)
+    assert result.returncode == 2 and "holds a previous run (checkpoint, final_model, model_epoch1)" in result.stderr
+    assert (prepared / "model" / "final_model" / "model.safetensors").read_bytes() == weights
+    out = run("train.py", *train_args(**{"--epochs": 1, "--seed": 7}), "--overwrite", cwd=prepared).stdout
+    assert "--overwrite: deleting the previous run" in out
+
+
+def test_corpus_shorter_than_n_ctx_trains_on_what_there_is(project):
+    (project / "data" / "story.txt").write_text("第一回 短\n只有一句话而已。", encoding="utf-8")
+    run("txt_to_json.py", cwd=project)
+    run("clr_ctrl.py", cwd=project)
+    out = run("train.py", *train_args(**{"--num_pieces": 1, "--epochs": 1}), "--raw", cwd=project).stdout
+    assert "fewer than n_ctx 32; training on what there is" in out
+    assert (project / "model" / "final_model").is_dir()

@@ -1,0 +1,60 @@
+"""Train a GPT-2 from zero on data/train.json (the GPT2-Chinese train.py, with its flags)."""
+import argparse
+import sys
+
+from gpt2zh.errors import run_cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # The original's flags: same names, defaults and meaning.
+    p.add_argument("--device", default="0,1,2,3", help="GPU ids to use, e.g. 0,1; ids that do not exist are "
+                   "skipped, and with no GPU the CPU is used (or say cpu)")
+    p.add_argument("--model_config", default="config/model_config_small.json", help="model settings (JSON)")
+    p.add_argument("--tokenizer_path", default="cache/vocab_small.txt", help="vocabulary, one token a line")
+    p.add_argument("--raw_data_path", default="data/train.json", help="the cleaned corpus (clr_ctrl.py's output)")
+    p.add_argument("--tokenized_data_path", default="data/tokenized/", help="where the tokenized pieces live")
+    p.add_argument("--raw", action="store_true", help="tokenize --raw_data_path into pieces first")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the corpus")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per batch (per GPU/process)")
+    p.add_argument("--lr", type=float, default=1.5e-4, help="peak learning rate")
+    p.add_argument("--warmup_steps", type=int, default=2000, help="optimizer steps of linear warm-up")
+    p.add_argument("--log_step", type=int, default=1, help="print the mean loss every this many optimizer steps")
+    p.add_argument("--stride", type=int, default=768, help="tokens between the starts of training windows")
+    p.add_argument("--gradient_accumulation", type=int, default=1, help="batches per optimizer step")
+    p.add_argument("--fp16", action="store_true", help="fp16 autocast with a grad scaler (CUDA only)")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this")
+    p.add_argument("--num_pieces", type=int, default=100, help="how many pieces the tokenized corpus is cut into")
+    p.add_argument("--min_length", type=int, default=128, help="skip articles shorter than this many characters")
+    p.add_argument("--output_dir", default="model/", help="where model_epoch{N}/, final_model/ and checkpoint/ go")
+    p.add_argument("--pretrained_model", default="", help="start from this model folder instead of from zero")
+    p.add_argument("--writer_dir", default="tensorboard_summary/", help="TensorBoard log folder")
+    # Additions.
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast where the hardware has fast bf16 (CUDA, CPUs with AVX512-BF16/AMX)")
+    p.add_argument("--no_attn_dropout", action="store_true",
+                   help="set attention dropout to 0: about 15%% faster on CPU; see README for the cost in loss")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
+    p.add_argument("--lr_schedule", choices=["linear", "cosine"], default="linear", help="decay after warm-up")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the weights, the shuffling and dropout")
+    p.add_argument("--eval_data_path", default="", help="held-out articles (JSON list) to report loss on")
+    p.add_argument("--eval_ratio", type=float, default=0.0, help="or hold out this last fraction of the corpus")
+    p.add_argument("--eval_every", type=int, default=0, help="also evaluate every this many steps (0: each epoch)")
+    p.add_argument("--keep_best", action="store_true", help="save the best held-out model to best_model/")
+    p.add_argument("--save_every", type=int, default=1000, help="save a resumable checkpoint every this many steps")
+    p.add_argument("--save_minutes", type=float, default=10, help="... and at least this often (minutes)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue the run in --output_dir (or from the checkpoint folder given)")
+    p.add_argument("--overwrite", action="store_true", help="delete a previous run in --output_dir and start anew")
+    return p.parse_args(argv)
+
+
+def main():
+    from gpt2zh.training import train
+
+    sys.exit(train(parse_args()))
+
+
+if __name__ == "__main__":
+    run_cli(main)
