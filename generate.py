@@ -94,14 +94,18 @@ def main():
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     print(f"seed: {seed}")
     generator = torch.Generator(device=device).manual_seed(seed)
-    suppress = [tokenizer.unk_token_id, tokenizer.pad_token_id]
+    # [UNK], [PAD], and the rows a config's vocab_size reserves beyond the vocabulary, which name no token
+    suppress = [tokenizer.unk_token_id, tokenizer.pad_token_id, *range(len(tokenizer), model.config.vocab_size)]
     processors = make_logits_processors(args.temperature, args.topk, args.topp, args.repetition_penalty, suppress)
     batch_size = args.batch_size or args.nsamples
 
     samples_file = None
     if args.save_samples:
-        Path(args.save_samples_path).mkdir(parents=True, exist_ok=True)
-        samples_file = open(Path(args.save_samples_path) / "samples.txt", "w", encoding="utf-8")
+        samples_path = Path(args.save_samples_path) / "samples.txt"
+        samples_path.parent.mkdir(parents=True, exist_ok=True)
+        if samples_path.exists():
+            print(f"replacing the previous {samples_path}")
+        samples_file = open(samples_path, "w", encoding="utf-8")
     generated, start = 0, time.time()
     while generated < args.nsamples:
         rows = min(batch_size, args.nsamples - generated)
@@ -121,7 +125,7 @@ def main():
     print(f"{generated} samples x {length} tokens in {elapsed:.1f} s ({generated * length / elapsed:,.0f} tokens/s)")
     if samples_file:
         samples_file.close()
-        print(f"saved to {Path(args.save_samples_path) / 'samples.txt'}")
+        print(f"saved to {samples_path}")
 
 
 if __name__ == "__main__":

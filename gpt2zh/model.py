@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from .errors import UserError
 
 ATTENTION = "gpt2zh_blocked"  # registered with transformers below
-QUERY_BLOCK = 128  # measured fastest of 64/128/256/512 for 12 heads x 1024 tokens in bf16 on CPU
+CHUNK_ROWS = {"cpu": 256}  # rows of the output layer's loss at a time (larger on GPUs)
+QUERY_BLOCK = 128  # measured fastest of 128/256/512 for 12 heads x 1024 tokens in bf16 on CPU
 
 
 def quiet_transformers():
@@ -52,7 +53,8 @@ def dropout_mask(shape, p):
 
 
 class CheapDropout(torch.nn.Module):
-    """nn.Dropout with the 16-bit mask above: on CPU, torch's bernoulli_ is the slow part of dropout."""
+    """nn.Dropout with the 16-bit mask above on CPU, where torch's bernoulli_ is the slow part of
+    dropout; elsewhere (CUDA's Philox is fast) plain dropout."""
 
     def __init__(self, p):
         super().__init__()
@@ -61,6 +63,8 @@ class CheapDropout(torch.nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
         keep, keep_prob = dropout_mask(x.shape, self.p)
         return x * keep * (1 / keep_prob)
 
@@ -77,7 +81,8 @@ def blocked_causal_attention(query, key, value, dropout, scale):
         end = min(start + QUERY_BLOCK, length)
         scores = torch.matmul(query[:, :, start:end], key[:, :, :end].transpose(-1, -2)) * scale  # [B, H, q, end]
         future = torch.ones(end - start, end, dtype=torch.bool, device=query.device).triu(start + 1)
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1).to(value.dtype)
+        scores = scores.masked_fill(future, float("-inf")).to(torch.promote_types(scores.dtype, torch.float32))
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
         keep, keep_prob = dropout_mask(probs.shape, dropout)
         outputs.append(torch.matmul(probs * keep * (1 / keep_prob), value[:, :, :end]))
     return torch.cat(outputs, dim=2)
@@ -154,14 +159,13 @@ def autocast_dtype(device, precision, fp16):
     return torch.bfloat16 if bf16_supported(device) else None
 
 
-
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T` against `labels` (-100: ignored), a chunk of rows at a
     time, with the gradients computed in the same pass.
 
     Never materialises the fp32 [tokens, vocab] logits and their gradient, which cost more than the
-    output matmul itself on CPU; chunks of 256 rows stay in cache and out of the page-fault path of
-    large allocations (measured: 2048-row chunks are 3x slower). hidden: [N, E] (compute dtype), weight: [V, E] fp32, labels: [N].
+    output matmul itself on CPU (chunks of 256 rows measured fastest).
+    hidden: [N, E] in the compute dtype, weight: [V, E] fp32, labels: [N].
     """
 
     @staticmethod
@@ -199,10 +203,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 class CausalLMLoss(torch.nn.Module):
     """The model and its next-token loss in one module, so DDP, DataParallel and torch.compile wrap both."""
 
-    def __init__(self, lm, chunk_rows=256):
+    def __init__(self, lm):
         super().__init__()
         self.lm = lm
-        self.chunk_rows = chunk_rows
 
     def forward(self, input_ids, labels):
         hidden = self.lm.transformer(input_ids=input_ids).last_hidden_state  # [B, T, E]
@@ -211,4 +214,4 @@ class CausalLMLoss(torch.nn.Module):
             hidden = hidden.to(torch.get_autocast_dtype(device))
         # position t predicts token t+1
         return LinearCrossEntropy.apply(hidden[:, :-1].flatten(0, 1), self.lm.lm_head.weight,
-                                        labels[:, 1:].flatten(), self.chunk_rows)
+                                        labels[:, 1:].flatten(), CHUNK_ROWS.get(device, 8192))

@@ -56,7 +56,9 @@ def validate(args, n_ctx):
               (args.gradient_accumulation < 1, f"--gradient_accumulation {args.gradient_accumulation}: must be at least 1"),
               (args.lr <= 0, f"--lr {args.lr}: must be positive"),
               (not 0 <= args.eval_ratio < 1, f"--eval_ratio {args.eval_ratio}: must be in [0, 1)"),
-              (args.resume and args.overwrite, "--resume and --overwrite contradict each other; choose one")]
+              (args.resume and args.overwrite, "--resume and --overwrite contradict each other; choose one"),
+              (args.eval_ratio and args.eval_data_path, "--eval_ratio and --eval_data_path both name a held-out set; "
+                                                        "choose one")]
     for failed, message in checks:
         if failed:
             raise UserError(message)
@@ -142,13 +144,6 @@ def train(args):
     dtype = autocast_dtype(device, args.precision, args.fp16)
     say(f"precision: {'fp32 weights, ' + str(dtype).removeprefix('torch.') + ' autocast' if dtype else 'fp32'}")
 
-    if main_process and previous and args.overwrite:
-        say(f"--overwrite: deleting the previous run in {output_dir} ({', '.join(previous)})")
-        for name in previous:
-            shutil.rmtree(output_dir / name)
-        for name in ("metrics.jsonl", "loss_curve.png"):
-            (output_dir / name).unlink(missing_ok=True)
-
     # ---- data -----------------------------------------------------------------------------------
     eval_ids, eval_chars = None, None
     if args.eval_data_path:
@@ -195,6 +190,12 @@ def train(args):
     scaler = torch.amp.GradScaler("cuda") if args.fp16 else None
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
 
+    if main_process and previous and args.overwrite:  # only now that every input has been checked
+        say(f"--overwrite: deleting the previous run in {output_dir} ({', '.join(previous)})")
+        for name in previous:
+            shutil.rmtree(output_dir / name)
+        for name in ("metrics.jsonl", "loss_curve.png"):
+            (output_dir / name).unlink(missing_ok=True)
     epoch, global_step, best_eval = 0, 0, math.inf
     metrics = MetricsLog(output_dir, args.writer_dir, say) if main_process else None
     if resume_from:

@@ -30,14 +30,18 @@ def run(script, *args, cwd, check=True, env=None):
     return result
 
 
+def make_project(path):
+    """A working folder laid out like the project: config/, cache/, data/ with a story in it."""
+    shutil.copytree(ROOT / "config", path / "config")
+    shutil.copytree(ROOT / "cache", path / "cache")
+    (path / "data").mkdir()
+    (path / "data" / "story.txt").write_text(STORY * 6, encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def project(tmp_path):
-    """A working folder laid out like the project: config/, cache/, data/ with a story in it."""
-    shutil.copytree(ROOT / "config", tmp_path / "config")
-    shutil.copytree(ROOT / "cache", tmp_path / "cache")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "story.txt").write_text(STORY * 6, encoding="utf-8")
-    return tmp_path
+    return make_project(tmp_path)
 
 
 def train_args(**overrides):
@@ -66,11 +70,7 @@ def prepared(project):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One tiny trained model, shared by the tests that only read it."""
-    path = tmp_path_factory.mktemp("trained")
-    shutil.copytree(ROOT / "config", path / "config")
-    shutil.copytree(ROOT / "cache", path / "cache")
-    (path / "data").mkdir()
-    (path / "data" / "story.txt").write_text(STORY * 6, encoding="utf-8")
+    path = make_project(tmp_path_factory.mktemp("trained"))
     run("txt_to_json.py", cwd=path)
     run("clr_ctrl.py", cwd=path)
     (path / "data" / "eval.json").write_text(json.dumps([STORY * 2], ensure_ascii=False), encoding="utf-8")

@@ -72,3 +72,18 @@ def test_eval_reproduces_the_held_out_loss_of_training(trained):
 def test_eval_without_pieces_says_to_add_raw(trained):
     result = run("eval.py", "--device", "cpu", "--tokenized_data_path", "nowhere/", cwd=trained, check=False)
     assert result.returncode == 2 and "add --raw" in result.stderr
+
+
+def test_rows_beyond_a_small_vocabulary_are_never_sampled(trained, tmp_path):
+    """A corpus vocabulary smaller than the config's vocab_size leaves rows that name no token."""
+    import shutil
+
+    from conftest import train_args
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work, ignore=shutil.ignore_patterns("model", "mnt", "eval_result"))
+    run("cache/make_vocab.py", "--from_json", "data/train.json", "--output", "data/vocab.txt", cwd=work)
+    run("train.py", *train_args(**{"--tokenizer_path": "data/vocab.txt", "--epochs": 1}), "--raw", cwd=work)
+    out = run("generate.py", "--device", "cpu", "--length", "60", "--nsamples", "4", "--topk", "0", "--prefix",
+              "小明", "--seed", "0", cwd=work).stdout
+    assert out.count(" SAMPLE ") == 4

@@ -116,17 +116,21 @@ def test_txt_to_json_unreadable_folder(tmp_path):
     assert result.returncode == 2 and "permission denied" in result.stderr
 
 
-def test_txt_to_json_unreadable_file_as_root_too(tmp_path, monkeypatch):
+def test_unreadable_files_and_folders_even_as_root(tmp_path, monkeypatch):
+    """Root reads everything, so the permission errors are simulated where they would be raised."""
     from gpt2zh import text
 
     path = tmp_path / "a.txt"
     path.write_text("内容", encoding="utf-8")
 
-    def deny(self):
+    def deny(self, *args):
         raise PermissionError(13, "Permission denied", str(self))
     monkeypatch.setattr(type(path), "read_bytes", deny)
     with pytest.raises(UserError, match="a.txt: permission denied"):
         text.read_novel(path)
+    monkeypatch.setattr(type(path), "rglob", deny)
+    with pytest.raises(UserError, match="permission denied while looking for .txt files"):
+        text.find_txt_files([tmp_path])
 
 
 @pytest.mark.parametrize("content,message", [

@@ -86,3 +86,41 @@ def test_corpus_shorter_than_n_ctx_trains_on_what_there_is(project):
     out = run("train.py", *train_args(**{"--num_pieces": 1, "--epochs": 1}), "--raw", cwd=project).stdout
     assert "fewer than n_ctx 32; training on what there is" in out
     assert (project / "model" / "final_model").is_dir()
+
+
+def test_out_of_memory_suggests_a_smaller_batch(prepared, monkeypatch):
+    import gpt2zh.training as training
+    from gpt2zh.errors import UserError
+    from train import parse_args
+
+    class Exhausted(training.CausalLMLoss):
+        def forward(self, input_ids, labels):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")
+
+    monkeypatch.setattr(training, "CausalLMLoss", Exhausted)
+    monkeypatch.chdir(prepared)
+    with pytest.raises(UserError, match="out of memory on cpu with --batch_size 4; lower --batch_size and raise "
+                                        "--gradient_accumulation .*--batch_size 2 --gradient_accumulation 2"):
+        training.train(parse_args(train_args() + ["--raw"]))
+
+
+def test_reference_commands_run_as_written(tmp_path):
+    """The original README's train and generate commands, verbatim but for --epochs 1, on our sample novel."""
+    from conftest import ROOT
+
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    shutil.copytree(ROOT / "cache", tmp_path / "cache")
+    (tmp_path / "data").mkdir()
+    shutil.copy(ROOT / "examples" / "sample_novel.txt", tmp_path / "data")
+    run("txt_to_json.py", cwd=tmp_path)
+    run("clr_ctrl.py", cwd=tmp_path)
+    out = run("train.py", "--model_config", "config/model_config_small.json", "--tokenized_data_path",
+              "data/tokenized/", "--tokenizer_path", "cache/vocab_small.txt", "--raw_data_path", "data/train.json",
+              "--epochs", "1", "--log_step", "200", "--stride", "512", "--output_dir", "model/", "--device", "0,1",
+              "--num_pieces", "100", "--raw", cwd=tmp_path).stdout
+    assert "number of parameters: 81894144" in out and '"n_layer": 10' in out
+    out = run("generate.py", "--device", "1", "--length", "1000", "--tokenizer_path", "cache/vocab_small.txt",
+              "--model_path", "model/final_model", "--prefix", "[CLS]悟空大喝一声", "--topp", "1", "--temperature", "1.0",
+              "--save_samples", "--save_samples_path", "./mnt/", cwd=tmp_path).stdout
+    assert "10 samples x 1000 tokens" in out
+    assert (tmp_path / "mnt" / "samples.txt").read_text(encoding="utf-8").count(" SAMPLE ") == 10
