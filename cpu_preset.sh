@@ -14,7 +14,7 @@ python clr_ctrl.py --input "$work/eval_input.json" --output "$work/eval.json"
 python cache/make_vocab.py --from_json "$work/train.json" --output "$work/vocab.txt"
 python train.py --model_config config/model_config_cpu.json --tokenizer_path "$work/vocab.txt" \
   --raw_data_path "$work/train.json" --tokenized_data_path "$work/tokenized/" --raw --num_pieces 1 \
-  --stride 256 --batch_size 16 --epochs 6 --lr 1e-3 --warmup_steps 100 --lr_schedule cosine --weight_decay 0.1 \
+  --stride 256 --batch_size 16 --epochs 6 --lr 1e-3 --warmup_steps 100 --lr_schedule cosine \
   --log_step 50 \
   --device cpu --eval_data_path "$work/eval.json" --output_dir model/cpu_preset/ \
   --writer_dir model/cpu_preset/tensorboard/ --overwrite
