@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from .errors import UserError
 
 ATTENTION = "gpt2zh_blocked"  # registered with transformers below
-CHUNK_ROWS = {"cpu": 256}  # rows of the output layer's loss at a time (larger on GPUs)
 QUERY_BLOCK = 128  # measured fastest of 128/256/512 for 12 heads x 1024 tokens in bf16 on CPU
 
 
@@ -214,4 +213,4 @@ class CausalLMLoss(torch.nn.Module):
             hidden = hidden.to(torch.get_autocast_dtype(device))
         # position t predicts token t+1
         return LinearCrossEntropy.apply(hidden[:, :-1].flatten(0, 1), self.lm.lm_head.weight,
-                                        labels[:, 1:].flatten(), CHUNK_ROWS.get(device, 8192))
+                                        labels[:, 1:].flatten(), 256 if device == "cpu" else 8192)

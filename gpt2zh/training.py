@@ -183,7 +183,7 @@ def train(args):
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, args, device)
-    batches_per_epoch = math.ceil(len(epoch_order(len(windows), 0, 0, rank, world)) / args.batch_size)
+    batches_per_epoch = math.ceil(math.ceil(len(windows) / world) / args.batch_size)  # windows per rank, as epoch_order deals them
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation)
     total_steps = steps_per_epoch * args.epochs
     scheduler = make_scheduler(optimizer, args, total_steps)
