@@ -254,19 +254,21 @@ def train(args):
             bar = progress_bar(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
                                unit="step", disable=not main_process)
             window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.time()
+            last_postfix = 0.0
             for step_in_epoch in range(first_step, steps_per_epoch):
                 first_batch = step_in_epoch * args.gradient_accumulation
                 batch_ids = range(first_batch, min(first_batch + args.gradient_accumulation, batches_per_epoch))
-                step_loss = 0.0
+                step_loss = torch.zeros((), device=device)  # stays on the device: no GPU sync a step
                 try:
                     for b in batch_ids:
                         rows = windows[order[b * args.batch_size:(b + 1) * args.batch_size]]
-                        input_ids, labels = (torch.from_numpy(a).to(device) for a in make_batch(pieces, rows, pad_id))
+                        batch = make_batch(pieces, rows, pad_id)
+                        window_tokens += int((batch[1] != -100).sum()) * world
+                        input_ids, labels = (torch.from_numpy(a).to(device) for a in batch)
                         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                             loss = model(input_ids, labels).mean() / len(batch_ids)
                         (scaler.scale(loss) if scaler else loss).backward()
-                        step_loss += loss.item()
-                        window_tokens += int((labels != -100).sum()) * world
+                        step_loss += loss.detach()
                     if scaler:
                         scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -289,10 +291,12 @@ def train(args):
                 window_steps += 1
                 lr = scheduler.get_last_lr()[0]
                 tokens_per_s = window_tokens / max(time.time() - window_start, 1e-9)
-                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                if time.time() - last_postfix >= 1:  # .item() waits for the GPU: once a second, not each step
+                    bar.set_postfix(loss=f"{step_loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                    last_postfix = time.time()
                 bar.update()
                 if global_step % args.log_step == 0 or step_in_epoch == steps_per_epoch - 1:
-                    mean_loss = window_loss / window_steps
+                    mean_loss = window_loss.item() / window_steps
                     if metrics:
                         metrics.log(global_step, epoch=epoch + 1, train_loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s)
                         tqdm.write(f"{time.strftime('%H:%M:%S')} epoch {epoch + 1} step {global_step}/{total_steps}: "
