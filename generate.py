@@ -73,7 +73,7 @@ def main():
     from gpt2zh.console import progress_bar
     from gpt2zh.devices import resolve_devices
     from gpt2zh.model import bf16_supported, quiet_transformers
-    from gpt2zh.sampling import ids_to_text, make_logits_processors, sample
+    from gpt2zh.sampling import ids_to_text, make_logits_processors, pack_for_cpu_sampling, sample
 
     quiet_transformers()
     gpu_ids = resolve_devices(args.device)
@@ -81,6 +81,8 @@ def main():
     model, tokenizer = load_model_folder(args.model_path, args.tokenizer_path)
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_supported(device))
     model.to(device, dtype=torch.bfloat16 if use_bf16 else torch.float32).eval()
+    batch_size = args.batch_size or args.nsamples
+    pack_for_cpu_sampling(model, batch_size)
     n_ctx = getattr(model.config, "n_ctx", model.config.n_positions)
     length = n_ctx if args.length == -1 else args.length
 
@@ -97,7 +99,6 @@ def main():
     # [UNK], [PAD], and the rows a config's vocab_size reserves beyond the vocabulary, which name no token
     suppress = [tokenizer.unk_token_id, tokenizer.pad_token_id, *range(len(tokenizer), model.config.vocab_size)]
     processors = make_logits_processors(args.temperature, args.topk, args.topp, args.repetition_penalty, suppress)
-    batch_size = args.batch_size or args.nsamples
 
     samples_file = None
     if args.save_samples:

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine  # noqa: E402
-from gpt2zh.model import bf16_supported, load_config, quiet_transformers  # noqa: E402
-from gpt2zh.sampling import make_logits_processors, sample  # noqa: E402
+from gpt2zh.model import bf16_supported, build_model, load_config  # noqa: E402
+from gpt2zh.sampling import make_logits_processors, pack_for_cpu_sampling, sample  # noqa: E402
 
 
 def main():
@@ -27,18 +27,16 @@ def main():
     parser.add_argument("--length", type=int, default=1000)
     parser.add_argument("--original_tokens", type=int, default=20)
     args = parser.parse_args()
-    from transformers import GPT2LMHeadModel
-
-    quiet_transformers()
     config = load_config(args.model_config)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel._from_config(config).eval()
+    model = build_model(config).eval()  # as generate.py loads it: our attention, which takes an fp32 cache
     processors = make_logits_processors(1.0, 8, 1.0, 1.0, [1, 0])
     prefix = [2, 100, 200, 300, 400, 500, 600]
     print(f"machine: {machine()}")
 
     dtype = torch.bfloat16 if bf16_supported(torch.device("cpu")) else torch.float32
     model.to(dtype)
+    pack_for_cpu_sampling(model, args.nsamples)
     start = time.perf_counter()
     sample(model, prefix, args.length, args.nsamples, processors, config.n_ctx)
     ours = time.perf_counter() - start
@@ -46,7 +44,8 @@ def main():
     print(f"reference command ({args.nsamples} x {args.length} tokens, batch {args.nsamples}, KV cache, {dtype}): "
           f"{ours:.1f} s ({tokens / ours:,.0f} tokens/s)")
 
-    model.float()
+    torch.manual_seed(0)
+    model = build_model(config).eval()  # the same weights, unpacked and fp32, as the original ran
     context = prefix + list(range(1000, 1000 + 500 - len(prefix)))
     start = time.perf_counter()
     sample(model, context, args.original_tokens, 1, processors, config.n_ctx, use_cache=False)

@@ -6,6 +6,7 @@ import torch
 
 from .errors import UserError
 from .fileio import new_tmp_dir, recover_dir, replace_dir_atomic
+from .model import ATTENTION, register_attention
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "training_state.pt"
@@ -103,7 +104,8 @@ def load_model_folder(model_path, tokenizer_path=None, flag="--model_path"):
         tokenizer = own
     elif tokenizer is None:
         tokenizer = load_tokenizer("cache/vocab_small.txt")
-    model = AutoModelForCausalLM.from_pretrained(model_path)
+    register_attention()
+    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=ATTENTION)
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but {model_path} has vocab_size "
                         f"{model.config.vocab_size}: they do not belong together; give the matching --tokenizer_path")

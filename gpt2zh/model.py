@@ -95,6 +95,10 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     if dropout > 0 and query.device.type == "cpu" and attention_mask is None and query.shape[2] == key.shape[2]:
         output = blocked_causal_attention(query, key, value, dropout, scaling)
         return output.transpose(1, 2), None  # [B, T, H, D] as transformers expects
+    if key.dtype != query.dtype:  # a cache kept in fp32 while sampling on CPU: attend in its precision
+        output, weights = sdpa_attention_forward(module, query.to(key.dtype), key, value, attention_mask,
+                                                 dropout=dropout, scaling=scaling, **kwargs)
+        return output.to(query.dtype), weights
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -2,6 +2,83 @@
 import re
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .model import ATTENTION
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer that writes each step into buffers allocated once for the whole window, where
+    DynamicLayer concatenates (copies the whole cache) at every step.
+
+    `dtype` overrides the model's: on CPU an fp32 cache is attended several times faster than a
+    bf16 one when it is a slice of a larger buffer (measured: 0.5 against 2.7 ms a layer at 500 tokens).
+    """
+
+    def __init__(self, capacity, dtype=None):
+        super().__init__()
+        self.capacity, self.dtype = capacity, dtype
+
+    def lazy_initialization(self, key_states, value_states):
+        batch, heads, _, head_dim = key_states.shape  # [B, H, T, D]
+        self.device = key_states.device
+        self.key_buffer = torch.empty(batch, heads, self.capacity, head_dim, dtype=self.dtype or key_states.dtype,
+                                      device=self.device)
+        self.value_buffer = torch.empty_like(self.key_buffer)
+        self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.keys.shape[2]
+        end = start + key_states.shape[2]
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+
+class PackedLinear(torch.nn.Module):
+    """A frozen linear layer whose weight oneDNN reorders once for a few rows at a time (what
+    torch.compile's freezing does on CPU): 1.6-2x faster than addmm for the 10 rows of a sampling step."""
+
+    def __init__(self, weight, bias, rows):  # weight: [out, in]
+        super().__init__()
+        self.out_features = weight.shape[0]
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
+        self.bias = bias.detach() if bias is not None else None
+
+    def forward(self, x):
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def pack_for_cpu_sampling(model, rows):
+    """Replace the bf16 model's linear layers (GPT-2's Conv1D and the output layer) by PackedLinear,
+    on CPUs where torch has oneDNN; elsewhere leave the model as it is. For sampling only: the
+    packed weights are frozen."""
+    from transformers.pytorch_utils import Conv1D
+
+    weight = model.lm_head.weight
+    if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available()
+            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return model
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, Conv1D):  # weight [in, out]
+                setattr(parent, name, PackedLinear(child.weight.t(), child.bias, rows))
+    model.lm_head = PackedLinear(weight, None, rows)
+    return model
+
+
+def preallocated_cache(model, capacity):
+    """A cache for `capacity` tokens; fp32 on CPU when the model's attention accepts a cache in another
+    dtype than its queries (ours does)."""
+    device = next(model.parameters()).device
+    fp32 = device.type == "cpu" and model.config._attn_implementation == ATTENTION
+    return Cache(layers=[PreallocatedLayer(capacity, torch.float32 if fp32 else None)
+                         for _ in range(model.config.n_layer)])
 
 
 def make_logits_processors(temperature, top_k, top_p, repetition_penalty, suppress_ids):
@@ -42,7 +119,8 @@ def sample(model, prefix_ids, length, batch_size, processors, n_ctx, greedy=Fals
     cache = None
     for _ in range(length):
         if cache is None or not use_cache:
-            out = model(input_ids=window, use_cache=use_cache)
+            out = model(input_ids=window, cache=preallocated_cache(model, n_ctx) if use_cache else None,
+                        use_cache=use_cache, logits_to_keep=1)  # only the last position's logits are used
         else:
             out = model(input_ids=tokens[:, -1:], cache=cache, use_cache=True)
         cache = out.cache if use_cache else None

@@ -100,6 +100,14 @@ def make_scheduler(optimizer, args, total_steps):
     return schedule(optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)
 
 
+def to_device(tensor, device):
+    """A copy from pinned memory does not wait for the GPU to finish its queue, as a pageable one does,
+    so the next step is queued while this one runs."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def is_out_of_memory(error):
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error) \
         or "out of memory" in str(error).lower()
@@ -264,7 +272,7 @@ def train(args):
                         rows = windows[order[b * args.batch_size:(b + 1) * args.batch_size]]
                         batch = make_batch(pieces, rows, pad_id)
                         window_tokens += int((batch[1] != -100).sum()) * world
-                        input_ids, labels = (torch.from_numpy(a).to(device) for a in batch)
+                        input_ids, labels = (to_device(torch.from_numpy(a), device) for a in batch)
                         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                             loss = model(input_ids, labels).mean() / len(batch_ids)
                         (scaler.scale(loss) if scaler else loss).backward()

@@ -2,7 +2,7 @@ import torch
 
 from conftest import ROOT, TINY_CONFIG
 from gpt2zh.model import build_model, load_config
-from gpt2zh.sampling import ids_to_text, make_logits_processors, sample
+from gpt2zh.sampling import PackedLinear, ids_to_text, make_logits_processors, pack_for_cpu_sampling, sample
 from gpt2zh.vocab import load_tokenizer
 
 
@@ -46,3 +46,21 @@ def test_output_text_format():
     assert text.startswith("第一\nh")
     ids = tokenizer.convert_tokens_to_ids(["你", "[SEP]", "a", "##b", "c", "[CLS]", "[MASK]", "好"])
     assert ids_to_text(tokenizer, ids) == "你\nab c\n\n好"
+
+
+def test_cpu_sampling_path_keeps_the_tokens():
+    """bf16 weights packed for oneDNN and an fp32 cache (generate.py on CPU) against re-encoding in bf16."""
+    model = tiny_model().to(torch.bfloat16)
+    processors = make_logits_processors(1.0, 0, 0, 1.0, [])
+    ids = torch.tensor([[4, 100, 200, 300]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    without = sample(model, [4, 100, 200], 25, 2, processors, n_ctx=32, greedy=True, use_cache=False)
+    pack_for_cpu_sampling(model, rows=2)
+    if torch.backends.mkldnn.is_available():
+        assert isinstance(model.lm_head, PackedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=0.02, atol=0.02)
+    with_cache = sample(model, [4, 100, 200], 25, 2, processors, n_ctx=32, greedy=True)
+    assert model.config._attn_implementation == "gpt2zh_blocked"  # the attention that takes the fp32 cache
+    assert with_cache.tolist() == without.tolist()

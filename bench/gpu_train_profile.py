@@ -1,0 +1,77 @@
+"""Where a GPU training step of the seed config spends its time: tokens/s and MFU per batch size, the
+share of each step the GPU is busy, and the kernels that take the most time.
+
+The step is train.py's: the model and its loss compiled, bf16 autocast, fused AdamW, gradient clipping,
+batches copied from pinned memory. Run on a CUDA machine from the project root:
+    python bench/gpu_train_profile.py [--batch_sizes 8 16 32] [--peak_tflops 989]
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpt2zh.model import CausalLMLoss, build_model, count_parameters, load_config  # noqa: E402
+from gpt2zh.training import to_device  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_config", default="config/model_config_small.json")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per batch size")
+    parser.add_argument("--peak_tflops", type=float, default=989, help="the GPU's dense bf16 peak")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    config = load_config(args.model_config)
+    torch.manual_seed(0)
+    lm = build_model(config).to(device).train()
+    params = count_parameters(lm) - config.n_positions * config.n_embd  # position embeddings left out, as nanoGPT
+    flops_per_token = 6 * params + 12 * config.n_layer * config.n_embd * config.n_ctx
+    model = torch.compile(CausalLMLoss(lm))
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=True)
+    rng = np.random.default_rng(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {count_parameters(lm):,} parameters, "
+          f"{flops_per_token / 1e6:.0f} MFLOP a token")
+
+    def step(batch_size):
+        ids = to_device(torch.from_numpy(rng.integers(0, config.vocab_size, (batch_size, config.n_ctx))), device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for batch_size in args.batch_sizes:
+        start = time.perf_counter()
+        for _ in range(3):
+            step(batch_size)
+        torch.cuda.synchronize()
+        warmup = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step(batch_size)
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / args.steps
+        tokens_per_s = batch_size * config.n_ctx / seconds
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step(batch_size)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 5 / 1e6  # seconds of kernels a step
+        print(f"batch {batch_size} x {config.n_ctx}: {seconds * 1e3:.1f} ms a step, {tokens_per_s:,.0f} tokens/s, "
+              f"MFU {100 * tokens_per_s * flops_per_token / (args.peak_tflops * 1e12):.1f}% of "
+              f"{args.peak_tflops:.0f} TFLOP/s; GPU busy {100 * busy / seconds:.0f}% of the step "
+              f"(warm-up incl. compiling {warmup:.0f} s)")
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]:
+            print(f"    {e.self_device_time_total / 5 / 1e3:7.2f} ms  {e.key[:100]}")
+
+
+if __name__ == "__main__":
+    main()
