@@ -1,6 +1,7 @@
 """Generation speed of the seed config (82M) on this CPU: the reference command against an original-style loop.
 
-Reference: 10 samples x 1000 new tokens, one batch, KV cache, bf16 weights (what generate.py does).
+Reference: 10 samples x 1000 new tokens, one batch, preallocated KV cache (fp32 on CPU), bf16 weights packed
+for oneDNN (what generate.py does).
 Original style: batch 1, no cache (the whole context re-encoded for every token), fp32. Its cost grows
 with the context, so it is timed for --original_tokens tokens starting at a context of 500 (the mean
 over a 1000-token sample) and stated per token. Run from the project root: python bench/generate_speed.py

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpt2zh.model import CausalLMLoss, build_model, count_parameters, load_config  # noqa: E402
+from common import our_recipe  # noqa: E402
+from gpt2zh.model import count_parameters, load_config  # noqa: E402
 from gpt2zh.training import to_device  # noqa: E402
 
 
@@ -29,23 +31,15 @@ def main():
     device = torch.device("cuda")
     config = load_config(args.model_config)
     torch.manual_seed(0)
-    lm = build_model(config).to(device).train()
+    lm, train_step = our_recipe(config, attn_dropout=True, compile_model=True, device=device)
     params = count_parameters(lm) - config.n_positions * config.n_embd  # position embeddings left out, as nanoGPT
     flops_per_token = 6 * params + 12 * config.n_layer * config.n_embd * config.n_ctx
-    model = torch.compile(CausalLMLoss(lm))
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=True)
     rng = np.random.default_rng(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {count_parameters(lm):,} parameters, "
           f"{flops_per_token / 1e6:.0f} MFLOP a token")
 
     def step(batch_size):
-        ids = to_device(torch.from_numpy(rng.integers(0, config.vocab_size, (batch_size, config.n_ctx))), device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(to_device(torch.from_numpy(rng.integers(0, config.vocab_size, (batch_size, config.n_ctx))), device))
 
     for batch_size in args.batch_sizes:
         start = time.perf_counter()

@@ -13,8 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, matmul_peak  # noqa: E402
-from gpt2zh.model import CausalLMLoss, build_model, count_parameters, load_config, quiet_transformers  # noqa: E402
+from common import machine, matmul_peak, our_recipe  # noqa: E402
+from gpt2zh.model import count_parameters, load_config, quiet_transformers  # noqa: E402
 
 
 def original_recipe(config):
@@ -30,24 +30,6 @@ def original_recipe(config):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-    return model, step
-
-
-def our_recipe(config, attn_dropout, compile_model):
-    """What train.py does: bf16 autocast, blocked attention with cheap dropout, fused loss, fused AdamW."""
-    model = build_model(config, attn_dropout=attn_dropout).train()
-    loss_fn = CausalLMLoss(model)
-    if compile_model:
-        loss_fn = torch.compile(loss_fn)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def step(batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = loss_fn(batch, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
     return model, step
 
 

@@ -100,14 +100,14 @@ def decode_attention(query, key, value, scale):
 
 
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function: SDPA, except training-time attention dropout on CPU,
-    where SDPA falls back to a slow path that materialises everything (about 10x slower)."""
+    """transformers attention function: SDPA, except for training-time attention dropout on CPU, where SDPA
+    falls back to a slow path that materialises everything (about 10x slower), and for sampling steps."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if dropout > 0 and query.device.type == "cpu" and attention_mask is None and query.shape[2] == key.shape[2]:
         output = blocked_causal_attention(query, key, value, dropout, scaling)
         return output.transpose(1, 2), None  # [B, T, H, D] as transformers expects
-    if query.shape[2] == 1 and attention_mask is None:  # a sampling step: one new token attends to the whole cache
+    if query.shape[2] == 1 and attention_mask is None and dropout == 0:  # a sampling step: one token, the whole cache
         return decode_attention(query, key, value, scaling), None
     if key.dtype != query.dtype:  # a cache kept in fp32 while sampling on CPU: attend in its precision
         output, weights = sdpa_attention_forward(module, query.to(key.dtype), key, value, attention_mask,
