@@ -11,8 +11,8 @@ class PreallocatedLayer(DynamicLayer):
     """A DynamicLayer that writes each step into buffers allocated once for the whole window, where
     DynamicLayer concatenates (copies the whole cache) at every step.
 
-    `dtype` overrides the model's: on CPU an fp32 cache is attended several times faster than a
-    bf16 one when it is a slice of a larger buffer (measured: 0.5 against 2.7 ms a layer at 500 tokens).
+    `dtype` overrides the model's: on CPU an fp32 cache is attended several times faster than a bf16 one
+    (measured: 7.6 against 36-42 ms for 10 layers at 500 tokens).
     """
 
     def __init__(self, capacity, dtype=None):
@@ -64,11 +64,16 @@ def pack_for_cpu_sampling(model, rows):
     if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available()
             or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return model
+    try:  # private oneDNN ops: a torch that changed them keeps the plain layers
+        lm_head = PackedLinear(weight, None, rows)
+        lm_head(torch.zeros(1, weight.shape[1], dtype=weight.dtype))
+    except (RuntimeError, TypeError):
+        return model
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, Conv1D):  # weight [in, out]
                 setattr(parent, name, PackedLinear(child.weight.t(), child.bias, rows))
-    model.lm_head = PackedLinear(weight, None, rows)
+    model.lm_head = lm_head
     return model
 
 
