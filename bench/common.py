@@ -9,7 +9,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpt2zh.model import CausalLMLoss, build_model  # noqa: E402
+from gpt2zh.model import CausalLMLoss, build_model, count_parameters  # noqa: E402
+
+
+def flops_per_token(model):
+    """Training FLOPs a token as nanoGPT counts them: 6 a parameter (position embeddings left out) plus
+    attention's 12 x layers x width x context."""
+    config = model.config
+    params = count_parameters(model) - model.transformer.wpe.weight.numel()
+    return 6 * params + 12 * config.n_layer * config.n_embd * config.n_ctx
 
 
 def our_recipe(config, attn_dropout, compile_model, device=torch.device("cpu")):

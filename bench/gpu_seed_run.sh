@@ -61,11 +61,13 @@ $py generate.py --device 0 --length 1000 --nsamples 10 --tokenizer_path cache/vo
 $py score_samples.py "$out/samples.txt" --json "$out/sample_scores.json" | tee "$out/sample_scores.txt"
 $py - "$out" "$((end - start))" "$peak_tflops" <<'PY' | tee "$out/summary.txt"
 import json, sys
+sys.path.insert(0, "bench")
+from common import flops_per_token
+from gpt2zh.model import build_model, load_config
 out, wall, peak = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) * 1e12
 rows = [json.loads(line) for line in open(f"{out}/model/metrics.jsonl")]
 speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # the first window includes compilation
-params, layers, width, n_ctx = 81894144 - 1024 * 768, 10, 768, 1024  # position embeddings left out, as nanoGPT
-flops_per_token = 6 * params + 12 * layers * width * n_ctx
+flops_per_token = flops_per_token(build_model(load_config(f"{out}/model/final_model/config.json")))
 tokens_per_s = sum(speeds) / len(speeds)
 print(f"train.py wall time (start-up, tokenizing, compiling, evaluating, saving included): {wall} s")
 print(f"tokens/s (mean over log windows after the first): {tokens_per_s:,.0f}; "

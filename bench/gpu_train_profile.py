@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import our_recipe  # noqa: E402
+from common import flops_per_token, our_recipe  # noqa: E402
 from gpt2zh.model import count_parameters, load_config  # noqa: E402
 from gpt2zh.training import to_device  # noqa: E402
 
@@ -32,11 +32,10 @@ def main():
     config = load_config(args.model_config)
     torch.manual_seed(0)
     lm, train_step = our_recipe(config, attn_dropout=True, compile_model=True, device=device)
-    params = count_parameters(lm) - config.n_positions * config.n_embd  # position embeddings left out, as nanoGPT
-    flops_per_token = 6 * params + 12 * config.n_layer * config.n_embd * config.n_ctx
+    flops = flops_per_token(lm)
     rng = np.random.default_rng(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {count_parameters(lm):,} parameters, "
-          f"{flops_per_token / 1e6:.0f} MFLOP a token")
+          f"{flops / 1e6:.0f} MFLOP a token")
 
     def step(batch_size):
         train_step(to_device(torch.from_numpy(rng.integers(0, config.vocab_size, (batch_size, config.n_ctx))), device))
@@ -60,7 +59,7 @@ def main():
         events = prof.key_averages()
         busy = sum(e.self_device_time_total for e in events) / 5 / 1e6  # seconds of kernels a step
         print(f"batch {batch_size} x {config.n_ctx}: {seconds * 1e3:.1f} ms a step, {tokens_per_s:,.0f} tokens/s, "
-              f"MFU {100 * tokens_per_s * flops_per_token / (args.peak_tflops * 1e12):.1f}% of "
+              f"MFU {100 * tokens_per_s * flops / (args.peak_tflops * 1e12):.1f}% of "
               f"{args.peak_tflops:.0f} TFLOP/s; GPU busy {100 * busy / seconds:.0f}% of the step "
               f"(warm-up incl. compiling {warmup:.0f} s)")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]:

@@ -13,8 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, matmul_peak, our_recipe  # noqa: E402
-from gpt2zh.model import count_parameters, load_config, quiet_transformers  # noqa: E402
+from common import flops_per_token, machine, matmul_peak, our_recipe  # noqa: E402
+from gpt2zh.model import load_config, quiet_transformers  # noqa: E402
 
 
 def original_recipe(config):
@@ -66,11 +66,9 @@ def main():
     for name, precision, make in variants:
         torch.manual_seed(0)
         model, step = make()
-        params = count_parameters(model) - model.transformer.wpe.weight.numel()
-        flops_per_token = 6 * params + 12 * config.n_layer * config.n_embd * n_ctx
         tokens_per_s = measure(step, batch, args.steps)
         baseline = baseline or tokens_per_s
-        mfu = tokens_per_s * flops_per_token / peaks[precision]
+        mfu = tokens_per_s * flops_per_token(model) / peaks[precision]
         print(f"{name:<58} {tokens_per_s:>9,.0f} {tokens_per_s / baseline:>11.2f}x {100 * mfu:>6.1f}%")
         del model, step
 

@@ -63,18 +63,17 @@ def pack_for_cpu_sampling(model, rows):
     weight = model.lm_head.weight
     if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available()
             or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
-        return model
+        return
     try:  # private oneDNN ops: a torch that changed them keeps the plain layers
         lm_head = PackedLinear(weight, None, rows)
         lm_head(torch.zeros(1, weight.shape[1], dtype=weight.dtype))
     except (RuntimeError, TypeError):
-        return model
+        return
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, Conv1D):  # weight [in, out]
                 setattr(parent, name, PackedLinear(child.weight.t(), child.bias, rows))
     model.lm_head = lm_head
-    return model
 
 
 def preallocated_cache(model, capacity):
