@@ -1,17 +1,21 @@
-"""Where a GPU training step of the seed config spends its time: tokens/s and MFU per batch size, the
-share of each step the GPU is busy, and the kernels that take the most time.
+"""Where a GPU training step of the seed config spends its time: tokens/s and MFU per batch size and
+attention backend, with and without attention dropout, the share of each step the GPU is busy, and the
+kernels that take the most time.
 
 The step is train.py's: the model and its loss compiled, bf16 autocast, fused AdamW, gradient clipping,
 batches copied from pinned memory. Run on a CUDA machine from the project root:
-    python bench/gpu_train_profile.py [--batch_sizes 8 16 32] [--peak_tflops 989]
+    python bench/gpu_train_profile.py [--batch_sizes 8 16 32] [--backends default flash cudnn efficient]
+        [--attn_dropout on off] [--peak_tflops 989]
 """
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,22 +24,43 @@ from common import flops_per_token, our_recipe  # noqa: E402
 from gpt2zh.model import count_parameters, load_config  # noqa: E402
 from gpt2zh.training import to_device  # noqa: E402
 
+BACKENDS = {"default": contextlib.nullcontext,
+            "flash": lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION),
+            "cudnn": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION),
+            "efficient": lambda: sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)}
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_config", default="config/model_config_small.json")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--steps", type=int, default=40, help="timed steps per batch size")
+    parser.add_argument("--backends", nargs="+", default=["default"], choices=sorted(BACKENDS),
+                        help="SDPA attention backends to time: default is torch's own choice")
+    parser.add_argument("--attn_dropout", nargs="+", default=["on"], choices=["on", "off"],
+                        help="time with the config's attention dropout (on) and/or without it (off)")
     parser.add_argument("--peak_tflops", type=float, default=989, help="the GPU's dense bf16 peak")
     args = parser.parse_args()
     device = torch.device("cuda")
     config = load_config(args.model_config)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for attn_dropout in args.attn_dropout:
+        for backend in args.backends:
+            print(f"\nattention dropout {attn_dropout}, SDPA backend {backend}")
+            try:
+                with BACKENDS[backend]():
+                    profile(config, args, device, attn_dropout == "on")
+            except RuntimeError as error:  # a backend that does not run here (GPU, dtype, dropout)
+                print(f"    failed: {str(error).splitlines()[0][:200]}")
+
+
+def profile(config, args, device, attn_dropout):
     torch.manual_seed(0)
-    lm, train_step = our_recipe(config, attn_dropout=True, compile_model=True, device=device)
+    torch._dynamo.reset()  # compile again under this backend
+    lm, train_step = our_recipe(config, attn_dropout=attn_dropout, compile_model=True, device=device)
     flops = flops_per_token(lm)
     rng = np.random.default_rng(0)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {count_parameters(lm):,} parameters, "
-          f"{flops / 1e6:.0f} MFLOP a token")
+    print(f"{count_parameters(lm):,} parameters, {flops / 1e6:.0f} MFLOP a token")
 
     def step(batch_size):
         train_step(to_device(torch.from_numpy(rng.integers(0, config.vocab_size, (batch_size, config.n_ctx))), device))
