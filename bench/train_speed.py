@@ -1,4 +1,5 @@
-"""Training throughput of the seed config (82M, n_ctx 1024) on this CPU: the original recipe against ours.
+"""Training throughput on this CPU, the original recipe against ours: the seed config (82M, n_ctx 1024) unless
+--model_config names another.
 
 Run from the project root: python bench/train_speed.py [--steps 3] [--batch_size 1] [--compile]
 Every variant runs in this one process on the same machine; ratios are against the original recipe.
@@ -61,7 +62,7 @@ def main():
     if args.compile:
         variants.append(("ours, all dropouts 0.1, torch.compile", "bf16", lambda: our_recipe(config, True, True)))
     baseline = None
-    print(f"\nseed config, batch {args.batch_size} x {n_ctx}, {args.steps} timed steps each")
+    print(f"\n{args.model_config}, batch {args.batch_size} x {n_ctx}, {args.steps} timed steps each")
     print(f"{'variant':<58} {'tokens/s':>9} {'vs original':>12} {'MFU':>7}")
     for name, precision, make in variants:
         torch.manual_seed(0)
