@@ -39,14 +39,17 @@ def our_recipe(config, attn_dropout, compile_model, device=torch.device("cpu")):
     return model, step
 
 
-def matmul_peak(dtype, size=2048, repeats=5):
-    """FLOP/s of a size^3 matmul in `dtype` on the CPU, best of `repeats`."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_peak(dtype, size=2048, repeats=5, device="cpu"):
+    """FLOP/s of a size^3 matmul in `dtype` on `device`, best of `repeats`."""
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best
 

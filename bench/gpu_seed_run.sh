@@ -22,17 +22,11 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 $py - <<'PY' | tee -a "$out/gpu.txt"
-import time, torch, transformers
-a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-for _ in range(3):
-    a @ a
-torch.cuda.synchronize()
-start = time.perf_counter()
-for _ in range(10):
-    a @ a
-torch.cuda.synchronize()
+import sys, torch, transformers
+sys.path.insert(0, "bench")
+from common import matmul_peak
 print(f"torch {torch.__version__}, transformers {transformers.__version__}; "
-      f"measured bf16 matmul 8192^3: {10 * 2 * 8192 ** 3 / (time.perf_counter() - start) / 1e12:.0f} TFLOP/s")
+      f"measured bf16 matmul 8192^3: {matmul_peak(torch.bfloat16, 8192, 10, 'cuda') / 1e12:.0f} TFLOP/s")
 PY
 
 $py txt_to_json.py "$novel" --eval_articles 5 --output "$work/input.json" --eval_output "$work/eval_input.json" || exit 1

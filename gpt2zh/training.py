@@ -78,11 +78,15 @@ def split_eval_tail(pieces, ratio):
     return train, np.concatenate(held_out)
 
 
+def windows_per_rank(n_windows, world):
+    return math.ceil(n_windows / world)
+
+
 def epoch_order(n_windows, seed, epoch, rank, world):
     """This rank's window indices for an epoch: one shuffle shared by all ranks, dealt round-robin."""
     order = np.random.default_rng([seed, epoch]).permutation(n_windows)
     if world > 1:
-        order = np.resize(order, math.ceil(n_windows / world) * world)  # wrap so every rank gets as many
+        order = np.resize(order, windows_per_rank(n_windows, world) * world)  # wrap so every rank gets as many
     return order[rank::world]
 
 
@@ -191,7 +195,7 @@ def train(args):
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, args, device)
-    batches_per_epoch = math.ceil(math.ceil(len(windows) / world) / args.batch_size)  # windows per rank, as epoch_order deals them
+    batches_per_epoch = math.ceil(windows_per_rank(len(windows), world) / args.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation)
     total_steps = steps_per_epoch * args.epochs
     scheduler = make_scheduler(optimizer, args, total_steps)
