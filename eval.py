@@ -1,6 +1,5 @@
 """Held-out loss and perplexity of a trained model on a corpus (the GPT2-Chinese eval.py, with its flags)."""
 import argparse
-import json
 from pathlib import Path
 
 from gpt2zh.errors import UserError, run_cli
@@ -17,9 +16,10 @@ def parse_args(argv=None):
     p.add_argument("--tokenized_data_path", default="data/tokenized_eval/", help="where its tokenized pieces live")
     p.add_argument("--raw", action="store_true", help="tokenize --raw_data_path first")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--log_step", type=int, default=1, help="print the running loss every this many batches")
     p.add_argument("--stride", type=int, default=768,
-                   help="tokens between windows; each token is scored once, with up to n_ctx tokens of context. "
-                        "Values above n_ctx become n_ctx // 2 (what train.py's held-out loss uses)")
+                   help="tokens between windows; each token is scored once, with up to n_ctx tokens of context (and "
+                        "at least one). Values above n_ctx become n_ctx // 2 (what train.py's held-out loss uses)")
     p.add_argument("--num_pieces", type=int, default=100, help="pieces of the tokenized corpus")
     p.add_argument("--min_length", type=int, default=128, help="skip articles shorter than this")
     p.add_argument("--pretrained_model", default="model/final_model", help="the model folder to evaluate")
@@ -32,25 +32,24 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
+    for flag in ("batch_size", "log_step"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     import numpy as np
-    import torch
 
     from gpt2zh.checkpoints import load_model_folder
-    from gpt2zh.devices import resolve_devices
+    from gpt2zh.devices import autocast_dtype, pick_device
     from gpt2zh.evaluation import evaluate, summarize
     from gpt2zh.fileio import write_json_atomic
-    from gpt2zh.model import autocast_dtype, quiet_transformers
+    from gpt2zh.model import context_length, quiet_transformers
     from gpt2zh.pieces import build_pieces, check_pieces, load_pieces
     from gpt2zh.vocab import vocab_hash
 
     quiet_transformers()
-    gpu_ids = resolve_devices(args.device)
-    device = torch.device(f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu")
+    device, _ = pick_device(args.device)
     model, tokenizer = load_model_folder(args.pretrained_model, args.tokenizer_path, "--pretrained_model")
     model.to(device)
-    n_ctx = getattr(model.config, "n_ctx", model.config.n_positions)
+    n_ctx = context_length(model.config)
     stride = args.stride
     if stride < 1:
         raise UserError(f"--stride {stride}: must be at least 1")
@@ -58,26 +57,22 @@ def main():
         stride = n_ctx // 2
         print(f"--stride {args.stride} exceeds the model's n_ctx {n_ctx}; using {stride}")
 
-    # The pieces' manifest names the vocabulary by file: save the model's own beside the pieces.
-    vocab_file = Path(args.tokenized_data_path) / "vocab.txt"
+    # The pieces record the vocabulary they were made with: those of another model's are refused.
+    vocab_name = f"the vocabulary of {args.pretrained_model}"
     if args.raw:
-        vocab_file.parent.mkdir(parents=True, exist_ok=True)
-        vocab = tokenizer.get_vocab()
-        vocab_file.write_text("".join(t + "\n" for t in sorted(vocab, key=vocab.get)), encoding="utf-8")
-        manifest = build_pieces(args.raw_data_path, tokenizer, vocab_file, args.tokenized_data_path,
+        manifest = build_pieces(args.raw_data_path, tokenizer, vocab_name, args.tokenized_data_path,
                                 args.num_pieces, args.min_length)
     else:
-        manifest = check_pieces(args.raw_data_path, vocab_file, args.tokenized_data_path, args.num_pieces,
-                                args.min_length) if vocab_file.is_file() else None
-        if manifest is None:
-            raise UserError(f"{args.tokenized_data_path}: no tokenized pieces; add --raw to tokenize {args.raw_data_path}")
+        manifest = check_pieces(args.raw_data_path, tokenizer, vocab_name, args.tokenized_data_path,
+                                args.num_pieces, args.min_length)
     ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in load_pieces(args.tokenized_data_path, manifest)])
     dtype = autocast_dtype(device, args.precision, fp16=False)
     print(f"evaluating {args.pretrained_model} on {args.raw_data_path}: {len(ids):,} tokens, "
           f"windows of {n_ctx} every {stride}")
-    total_nll, total_tokens = evaluate(model, ids, n_ctx, stride, args.batch_size, device, dtype)
+    total_nll, total_tokens = evaluate(model, ids, n_ctx, stride, args.batch_size, device, dtype,
+                                       pad_id=tokenizer.pad_token_id, log_step=args.log_step)
     result = {"model": str(args.pretrained_model), "data": str(args.raw_data_path), "stride": stride,
-              "vocab_sha256": vocab_hash(vocab_file),
+              "vocab_sha256": vocab_hash(tokenizer),
               **summarize(total_nll, total_tokens, manifest["characters"])}
     print(f"loss {result['loss']:.4f} nats/token (perplexity {result['perplexity']:.2f}), "
           f"{result['loss_per_char']:.4f} nats/character (perplexity {result['perplexity_per_char']:.2f}) "

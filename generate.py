@@ -1,13 +1,10 @@
 """Continue a prefix with a trained model (the GPT2-Chinese generate.py, with its flags)."""
 import argparse
 import random
-import re
 import time
 from pathlib import Path
 
 from gpt2zh.errors import UserError, run_cli
-
-SPECIALS = r"\[CLS\]|\[SEP\]|\[MASK\]"
 
 
 def parse_args(argv=None):
@@ -24,8 +21,11 @@ def parse_args(argv=None):
     p.add_argument("--model_config", default="config/model_config_small.json",
                    help="unused, as in the original: the config is read from --model_path")
     p.add_argument("--tokenizer_path", default=None,
-                   help="vocabulary; default: the tokenizer saved with the model, else cache/vocab_small.txt")
-    p.add_argument("--model_path", default="model/final_model", help="a model folder written by train.py")
+                   help="vocabulary; default: the one saved with the model (a folder of the original GPT2-Chinese has "
+                        "none: give the vocab file it was trained with)")
+    p.add_argument("--model_path", default="model/final_model",
+                   help="a model folder: written by train.py, by the original GPT2-Chinese, or a GPT-2 in the Hugging "
+                        "Face layout")
     p.add_argument("--prefix", default="萧炎", help="the text to continue ([CLS] starts a new article)")
     p.add_argument("--no_wordpiece", action="store_true", help="tokenize the prefix character by character")
     p.add_argument("--fast_pattern", action="store_true", help="accepted for compatibility: the KV cache is always on")
@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL's penalty on tokens already present")
     # Additions.
     p.add_argument("--seed", type=int, default=None, help="random seed (printed when not given)")
+    p.add_argument("--stop_at_end", action="store_true",
+                   help="end a sample at the end of an article ([CLS]) instead of after --length tokens: ask for "
+                        "'one chapter' (--length is then the most it writes)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 weights where the hardware has fast bf16")
     return p.parse_args(argv)
@@ -52,43 +55,29 @@ def validate(args):
             raise UserError(message)
 
 
-def encode_prefix(tokenizer, prefix, no_wordpiece):
-    if no_wordpiece:
-        vocab = tokenizer.get_vocab()
-        parts = re.split(f"({SPECIALS})", prefix)
-        ids = []
-        for part in parts:
-            ids += [vocab[part]] if part in vocab else [vocab.get(c.lower(), tokenizer.unk_token_id)
-                                                         for c in part if not c.isspace()]
-        return ids
-    return tokenizer(prefix, add_special_tokens=False)["input_ids"]
-
-
 def main():
     args = parse_args()
     validate(args)
     import torch
 
+    from gpt2zh.articles import ARTICLE_END, encode_prefix, ids_to_text, missing_characters
     from gpt2zh.checkpoints import load_model_folder
     from gpt2zh.console import progress_bar
-    from gpt2zh.devices import resolve_devices
-    from gpt2zh.model import bf16_supported, quiet_transformers
-    from gpt2zh.sampling import ids_to_text, make_logits_processors, pack_for_cpu_sampling, sample
+    from gpt2zh.devices import autocast_dtype, pick_device
+    from gpt2zh.model import context_length, quiet_transformers
+    from gpt2zh.sampling import cut_at_stop, make_logits_processors, pack_for_cpu_sampling, sample
 
     quiet_transformers()
-    gpu_ids = resolve_devices(args.device)
-    device = torch.device(f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu")
+    device, _ = pick_device(args.device)
     model, tokenizer = load_model_folder(args.model_path, args.tokenizer_path)
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_supported(device))
-    model.to(device, dtype=torch.bfloat16 if use_bf16 else torch.float32).eval()
+    model.to(device, dtype=autocast_dtype(device, args.precision, fp16=False) or torch.float32).eval()
     batch_size = args.batch_size or args.nsamples
     pack_for_cpu_sampling(model, batch_size)
-    n_ctx = getattr(model.config, "n_ctx", model.config.n_positions)
+    n_ctx = context_length(model.config)
     length = n_ctx if args.length == -1 else args.length
 
     prefix_ids = encode_prefix(tokenizer, args.prefix, args.no_wordpiece)
-    vocab = tokenizer.get_vocab()
-    missing = sorted({c for c in re.sub(SPECIALS, "", args.prefix) if not c.isspace() and c.lower() not in vocab})
+    missing = missing_characters(tokenizer, args.prefix)
     if missing:
         print(f"warning: these characters of --prefix are not in the vocabulary and become [UNK]: {''.join(missing)}")
     if not prefix_ids:
@@ -107,14 +96,18 @@ def main():
         if samples_path.exists():
             print(f"replacing the previous {samples_path}")
         samples_file = open(samples_path, "w", encoding="utf-8")
-    generated, start = 0, time.time()
+    stop_id = tokenizer.convert_tokens_to_ids(ARTICLE_END) if args.stop_at_end else None
+    generated, sampled_tokens, start = 0, 0, time.time()
     while generated < args.nsamples:
         rows = min(batch_size, args.nsamples - generated)
         with progress_bar(total=rows * length, unit="tok", desc=f"sampling {rows}", leave=False) as bar:
             out = sample(model, prefix_ids, length, rows, processors, n_ctx, generator=generator,
-                         on_step=lambda: bar.update(rows))
+                         on_step=lambda: bar.update(rows), stop_id=stop_id)
         for row in out.tolist():
+            if stop_id is not None:
+                row = cut_at_stop(row, len(prefix_ids), stop_id)
             generated += 1
+            sampled_tokens += len(row) - len(prefix_ids)
             info = "=" * 40 + " SAMPLE " + str(generated) + " " + "=" * 40 + "\n"
             text = ids_to_text(tokenizer, row)
             print(info)
@@ -123,7 +116,9 @@ def main():
                 samples_file.write(info + text + "\n" + "=" * 90 + "\n\n")
     print("=" * 80)
     elapsed = time.time() - start
-    print(f"{generated} samples x {length} tokens in {elapsed:.1f} s ({generated * length / elapsed:,.0f} tokens/s)")
+    shape = f"{generated} samples x {length} tokens" if stop_id is None else \
+        f"{generated} samples ({sampled_tokens:,} tokens, each ending at the end of an article or after {length})"
+    print(f"{shape} in {elapsed:.1f} s ({sampled_tokens / elapsed:,.0f} tokens/s)")
     if samples_file:
         samples_file.close()
         print(f"saved to {samples_path}")

@@ -11,23 +11,32 @@ def parse_args(argv=None):
     p.add_argument("--device", default="0,1,2,3", help="GPU ids to use, e.g. 0,1; ids that do not exist are "
                    "skipped, and with no GPU the CPU is used (or say cpu)")
     p.add_argument("--model_config", default="config/model_config_small.json", help="model settings (JSON)")
-    p.add_argument("--tokenizer_path", default="cache/vocab_small.txt", help="vocabulary, one token a line")
+    p.add_argument("--tokenizer_path", default=None,
+                   help="vocabulary, one token a line (or a folder with one); default: cache/vocab_small.txt, or with "
+                        "--pretrained_model the vocabulary saved in that folder")
     p.add_argument("--raw_data_path", default="data/train.json", help="the cleaned corpus (clr_ctrl.py's output)")
     p.add_argument("--tokenized_data_path", default="data/tokenized/", help="where the tokenized pieces live")
     p.add_argument("--raw", action="store_true", help="tokenize --raw_data_path into pieces first")
     p.add_argument("--epochs", type=int, default=5, help="passes over the corpus")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per batch (per GPU/process)")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="windows per batch; DataParallel (--device 0,1) splits it across the GPUs, as the original "
+                        "did; under torchrun each process takes this many")
     p.add_argument("--lr", type=float, default=1.5e-4, help="peak learning rate")
     p.add_argument("--warmup_steps", type=int, default=2000, help="optimizer steps of linear warm-up")
     p.add_argument("--log_step", type=int, default=1, help="print the mean loss every this many optimizer steps")
     p.add_argument("--stride", type=int, default=768, help="tokens between the starts of training windows")
     p.add_argument("--gradient_accumulation", type=int, default=1, help="batches per optimizer step")
     p.add_argument("--fp16", action="store_true", help="fp16 autocast with a grad scaler (CUDA only)")
+    p.add_argument("--fp16_opt_level", default="O1", choices=["O0", "O1", "O2", "O3"],
+                   help="apex's optimisation level, accepted for compatibility: with --fp16, O0 trains in fp32 and "
+                        "O1-O3 use torch.amp's fp16 autocast with fp32 weights (apex's O1)")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this")
     p.add_argument("--num_pieces", type=int, default=100, help="how many pieces the tokenized corpus is cut into")
     p.add_argument("--min_length", type=int, default=128, help="skip articles shorter than this many characters")
     p.add_argument("--output_dir", default="model/", help="where model_epoch{N}/, final_model/ and checkpoint/ go")
-    p.add_argument("--pretrained_model", default="", help="start from this model folder instead of from zero")
+    p.add_argument("--pretrained_model", default="",
+                   help="start from this model folder instead of from zero (ours, the original GPT2-Chinese's or a "
+                        "Hugging Face GPT-2): its config and vocabulary are used")
     p.add_argument("--writer_dir", default="tensorboard_summary/", help="TensorBoard log folder")
     # Additions.
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",

@@ -24,15 +24,13 @@ def our_recipe(config, attn_dropout, compile_model, device=torch.device("cpu")):
     """What train.py does: bf16 autocast, blocked attention with cheap dropout (CPU), fused loss, fused AdamW,
     gradient clipping. Returns the model and a function doing one optimizer step on a batch of token ids."""
     model = build_model(config, attn_dropout=attn_dropout).to(device).train()
-    loss_fn = CausalLMLoss(model)
+    loss_fn = CausalLMLoss(model, torch.bfloat16)
     if compile_model:
         loss_fn = torch.compile(loss_fn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step(batch):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = loss_fn(batch, batch)
-        loss.backward()
+        loss_fn(batch, batch).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine  # noqa: E402
-from gpt2zh.model import bf16_supported, build_model, load_config  # noqa: E402
+from gpt2zh.devices import bf16_supported  # noqa: E402
+from gpt2zh.model import build_model, load_config  # noqa: E402
 from gpt2zh.sampling import make_logits_processors, pack_for_cpu_sampling, sample  # noqa: E402
 
 

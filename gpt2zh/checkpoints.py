@@ -6,7 +6,9 @@ import torch
 
 from .errors import UserError
 from .fileio import new_tmp_dir, recover_dir, replace_dir_atomic
-from .model import ATTENTION, register_attention
+from .articles import ARTICLE_END, ARTICLE_START, marker_ids
+from .model import context_length, load_config, load_pretrained, register_attention
+from .vocab import folder_tokenizer, load_tokenizer, vocab_tokens
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "training_state.pt"
@@ -20,13 +22,27 @@ def unwrap(model):
     return model
 
 
+def record_vocabulary(model, tokenizer):
+    """Write the article format's token ids into the model's config and generation config, so that plain
+    transformers' generate() ends an article where we do, pads as we do and, like generate.py, never
+    produces [UNK], [PAD] or the ids a config's vocab_size reserves beyond the vocabulary."""
+    lm = unwrap(model)
+    start, end, _ = marker_ids(tokenizer)
+    never = [tokenizer.unk_token_id, tokenizer.pad_token_id, *range(len(tokenizer), lm.config.vocab_size)]
+    for config in (lm.config, lm.generation_config):
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = start, end, tokenizer.pad_token_id
+    lm.generation_config.suppress_tokens = never
+
+
 def save_model_folder(model, tokenizer, folder, extra=None):
     """Weights (safetensors), config and tokenizer, loadable with the Auto classes from this one folder.
 
     `extra` maps file names to callables writing them into the folder before it is published.
     """
     tmp = new_tmp_dir(folder)
-    unwrap(model).save_pretrained(tmp)
+    lm = unwrap(model)
+    lm.save_pretrained(tmp)
+    tokenizer.model_max_length = context_length(lm.config)
     tokenizer.save_pretrained(tmp)
     for name, write in (extra or {}).items():
         write(tmp / name)
@@ -76,15 +92,32 @@ def previous_run(output_dir):
     return sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
 
 
-def load_model_folder(model_path, tokenizer_path=None, flag="--model_path"):
-    """A model folder written by train.py and its tokenizer, with clear errors for the usual mistakes.
+def check_vocabulary(tokenizer, config, model_name, vocab_name, external):
+    """Refuse a vocabulary that does not belong to the model. An `external` one (not saved with the model)
+    must also have the special-token ids the model's config records, or, where it records none (the
+    original GPT2-Chinese's folders), exactly the model's vocab_size."""
+    problems = []
+    if len(tokenizer) > config.vocab_size:
+        problems.append(f"{len(tokenizer)} tokens for a model of vocab_size {config.vocab_size}")
+    if external:
+        start, end, _ = marker_ids(tokenizer)
+        recorded = [(getattr(config, key, None), name, own) for key, name, own in (
+            ("bos_token_id", ARTICLE_START, start), ("eos_token_id", ARTICLE_END, end),
+            ("pad_token_id", "[PAD]", tokenizer.pad_token_id))]
+        recorded = [(value, name, own) for value, name, own in recorded if value is not None and value < config.vocab_size]
+        problems += [f"{name} is id {own} there but {value} in the model" for value, name, own in recorded if value != own]
+        if not recorded and len(tokenizer) != config.vocab_size:
+            problems.append(f"{len(tokenizer)} tokens for a model of vocab_size {config.vocab_size}")
+    if problems:
+        raise UserError(f"{vocab_name} is not the vocabulary of {model_name} ({'; '.join(dict.fromkeys(problems))}); "
+                        f"give the vocabulary the model was trained with")
 
-    The tokenizer saved with the model is used; a `tokenizer_path` given as well must match it.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .vocab import load_tokenizer
-
+def open_model_folder(model_path, tokenizer_path=None, flag="--model_path"):
+    """The config and tokenizer of a model folder: one written by train.py, by the original GPT2-Chinese
+    (config.json without model_type, pytorch_model.bin, the vocabulary given with --tokenizer_path) or in the
+    Hugging Face layout (vocab.txt or tokenizer.json beside the weights), with clear errors for the usual
+    mistakes. The vocabulary saved with the model is used; a `tokenizer_path` given as well must match it."""
     model_path = Path(model_path)
     if model_path.is_file():
         raise UserError(f"{flag} {model_path}: is a file; give the folder that holds it "
@@ -94,19 +127,26 @@ def load_model_folder(model_path, tokenizer_path=None, flag="--model_path"):
         what = "does not exist" if not model_path.exists() else "has no config.json"
         raise UserError(f"{flag} {model_path}: {what}; give a folder written by train.py, such as "
                         f"model/final_model or model/model_epoch1")
-    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
-    if (model_path / "tokenizer.json").is_file() or (model_path / "vocab.txt").is_file():
-        own = AutoTokenizer.from_pretrained(model_path)
-        if tokenizer is not None and tokenizer.get_vocab() != own.get_vocab():
-            raise UserError(f"--tokenizer_path {tokenizer_path} ({len(tokenizer)} tokens) is not the vocabulary "
-                            f"the model was trained with ({len(own)} tokens, saved in {model_path}); drop "
+    config = load_config(model_path / "config.json", "the model's config")
+    own = folder_tokenizer(model_path)
+    if tokenizer_path:
+        given = load_tokenizer(tokenizer_path)
+        if own is not None and vocab_tokens(given) != vocab_tokens(own):
+            raise UserError(f"--tokenizer_path {tokenizer_path} ({len(given)} tokens) is not the vocabulary the "
+                            f"model was trained with ({len(own)} tokens, saved in {model_path}); drop "
                             f"--tokenizer_path or give the matching file")
-        tokenizer = own
-    elif tokenizer is None:
-        tokenizer = load_tokenizer("cache/vocab_small.txt")
+        if own is None:
+            check_vocabulary(given, config, model_path, f"--tokenizer_path {tokenizer_path}", external=True)
+            return config, given
+    elif own is None:
+        raise UserError(f"{flag} {model_path}: has no vocabulary saved with it (a folder of the original "
+                        f"GPT2-Chinese?); give the one it was trained with, e.g. --tokenizer_path cache/vocab.txt")
+    check_vocabulary(own, config, model_path, f"the vocabulary saved in {model_path}", external=False)
+    return config, own
+
+
+def load_model_folder(model_path, tokenizer_path=None, flag="--model_path"):
+    """open_model_folder, and the model with its weights."""
+    config, tokenizer = open_model_folder(model_path, tokenizer_path, flag)
     register_attention()
-    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=ATTENTION)
-    if len(tokenizer) > model.config.vocab_size:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but {model_path} has vocab_size "
-                        f"{model.config.vocab_size}: they do not belong together; give the matching --tokenizer_path")
-    return model, tokenizer
+    return load_pretrained(Path(model_path), config, flag), tokenizer

@@ -1,4 +1,5 @@
-"""Which devices to run on: --device ids against the GPUs that exist, and torchrun's processes."""
+"""Which device and precision to run with: --device ids against the GPUs that exist, torchrun's processes,
+and the autocast dtype the hardware supports."""
 import os
 
 import torch
@@ -49,3 +50,33 @@ def distributed_rank():
     if world == 1:
         return 0, 0, 1
     return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world
+
+
+def pick_device(spec, flag="--device", say=print):
+    """The device a single-process run uses (the first GPU of `spec` that exists, else the CPU) and the ids
+    of all the GPUs of `spec` that exist."""
+    gpu_ids = resolve_devices(spec, flag, say)
+    return torch.device(f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu"), gpu_ids
+
+
+def bf16_supported(device):
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def autocast_dtype(device, precision, fp16):
+    """The autocast dtype for `--precision` (auto/bf16/fp32) and `--fp16`; None means plain fp32."""
+    if fp16:
+        if device.type != "cuda":
+            raise UserError("--fp16: needs a CUDA GPU; on CPU use --precision bf16 (the default where supported)")
+        return torch.float16
+    if precision == "fp32":
+        return None
+    if precision == "bf16" and not bf16_supported(device):
+        raise UserError(f"--precision bf16: this {device.type.upper()} has no fast bf16; use --precision fp32")
+    return torch.bfloat16 if bf16_supported(device) else None
+
+
+def precision_name(dtype):
+    return f"fp32 weights, {str(dtype).removeprefix('torch.')} autocast" if dtype else "fp32"

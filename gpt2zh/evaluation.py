@@ -11,7 +11,8 @@ from .console import progress_bar
 def eval_windows(length, n_ctx, stride):
     """(start, end, first scored position) of each window over a stream of `length` tokens.
 
-    Windows start every `stride` tokens; each scores only the tokens no earlier window scored,
+    Windows start every `stride` tokens, but never after the first token still to be scored (which needs one
+    token of context before it in the same window); each scores only the tokens no earlier window scored,
     so every token but the first is predicted exactly once.
     """
     windows, scored_until, start = [], 1, 0
@@ -19,13 +20,14 @@ def eval_windows(length, n_ctx, stride):
         end = min(start + n_ctx, length)
         windows.append((start, end, scored_until))
         scored_until = end
-        start += stride
+        start = min(start + stride, scored_until - 1)
     return windows
 
 
 @torch.no_grad()
-def evaluate(model, ids, n_ctx, stride, batch_size, device, dtype, progress=True, pad_id=0):
-    """Return (sum of negative log-likelihoods in nats, number of tokens scored) over the stream `ids`."""
+def evaluate(model, ids, n_ctx, stride, batch_size, device, dtype, progress=True, pad_id=0, log_step=0):
+    """Return (sum of negative log-likelihoods in nats, number of tokens scored) over the stream `ids`;
+    with `log_step`, print the running loss every this many batches."""
     was_training = model.training
     model.eval()
     windows = eval_windows(len(ids), n_ctx, stride)
@@ -50,6 +52,8 @@ def evaluate(model, ids, n_ctx, stride, batch_size, device, dtype, progress=True
         total_tokens += int((labels[:, 1:] != -100).sum())
         bar.set_postfix(loss=f"{total_nll / max(total_tokens, 1):.3f}")
         bar.update(len(batch))
+        if log_step and (first // batch_size + 1) % log_step == 0:
+            bar.write(f"batch {first // batch_size + 1}: {total_tokens:,} tokens, loss {total_nll / total_tokens:.4f}")
     bar.close()
     model.train(was_training)
     return total_nll, total_tokens

@@ -1,5 +1,6 @@
 """The GPT-2 model: config files, construction, and a CPU attention that keeps dropout affordable."""
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -18,22 +19,62 @@ def quiet_transformers():
     logging.disable_progress_bar()
 
 
-def load_config(path):
+def load_config(path, what="model config"):
+    """A GPT2Config from a JSON file: ours, a model folder's config.json in today's layout, or one written by
+    transformers 2.x for the original GPT2-Chinese (no model_type)."""
     from transformers import GPT2Config
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: model config not found; use --model_config config/model_config_small.json")
+        raise UserError(f"{path}: {what} not found; use --model_config config/model_config_small.json")
     try:
         settings = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise UserError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    if settings.pop("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{path}: describes a {json.loads(path.read_text(encoding='utf-8'))['model_type']} model; "
+                        f"this project trains and runs GPT-2 models only")
     # GPT2Config's default token ids are GPT-2's own (50256); ours come from the vocabulary.
     config = GPT2Config(**{"bos_token_id": None, "eos_token_id": None, **settings})
     if "n_ctx" in settings and settings["n_ctx"] > config.n_positions:
         raise UserError(f"{path}: n_ctx {settings['n_ctx']} exceeds n_positions {config.n_positions}")
     config.n_ctx = settings.get("n_ctx", config.n_positions)
     return config
+
+
+# Buffers transformers 2.x kept in the state dict: today's GPT-2 builds its causal mask on the fly.
+LEGACY_BUFFERS = re.compile(r".*\.attn\.(bias|masked_bias)$")
+
+
+def load_pretrained(folder, config, flag):
+    """GPT2LMHeadModel weights from a model folder (safetensors or a 2.x pytorch_model.bin), refusing a folder
+    whose weights do not fit its config instead of leaving part of the model random."""
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the load report is judged below, in one line
+    try:
+        model, info = GPT2LMHeadModel.from_pretrained(folder, config=config, attn_implementation=ATTENTION,
+                                                      output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise UserError(f"{flag} {folder}: its weights cannot be loaded ({str(error).splitlines()[0]})") from None
+    finally:
+        logging.set_verbosity(verbosity)
+    missing = [k for k in info["missing_keys"] if k != "lm_head.weight"]  # tied to the input embedding
+    mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
+    if missing or mismatched:
+        names = ", ".join((missing + mismatched)[:3])
+        raise UserError(f"{flag} {folder}: its weights do not fit its config.json ({names} "
+                        f"{'missing' if missing else 'of another shape'}); the folder is incomplete or mixed up")
+    unexpected = [k for k in info["unexpected_keys"] if not LEGACY_BUFFERS.match(k)]
+    if unexpected:
+        print(f"note: {folder} has weights this GPT-2 does not use, ignored: {', '.join(unexpected[:3])}")
+    return model
+
+
+def context_length(config):
+    return getattr(config, "n_ctx", config.n_positions)
 
 
 def count_parameters(model):
@@ -125,8 +166,9 @@ def register_attention():
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
-def build_model(config, pretrained_model=None, attn_dropout=True):
-    """A GPT2LMHeadModel from zero (or from `pretrained_model`) using the fast attention.
+def build_model(config, pretrained_model=None, attn_dropout=True, flag="--pretrained_model"):
+    """A GPT2LMHeadModel from zero (or with the weights of the folder `pretrained_model`, whose config `config`
+    is) using the fast attention.
 
     attn_dropout=False sets attn_pdrop to 0, the documented speed switch.
     """
@@ -135,10 +177,7 @@ def build_model(config, pretrained_model=None, attn_dropout=True):
     quiet_transformers()
     register_attention()
     if pretrained_model:
-        path = Path(pretrained_model)
-        if not (path / "config.json").is_file():
-            raise UserError(f"--pretrained_model {path}: not a model folder (no config.json)")
-        model = GPT2LMHeadModel.from_pretrained(path, attn_implementation=ATTENTION)
+        model = load_pretrained(pretrained_model, config, flag)
     else:
         model = GPT2LMHeadModel._from_config(config, attn_implementation=ATTENTION)
     model.loss_type = "ForCausalLM"  # the default; saying so keeps transformers from warning
@@ -156,25 +195,6 @@ def build_model(config, pretrained_model=None, attn_dropout=True):
         for block in model.transformer.h:
             block.mlp.act = torch.nn.GELU(approximate="tanh")
     return model
-
-
-def bf16_supported(device):
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def autocast_dtype(device, precision, fp16):
-    """The autocast dtype for `--precision` (auto/bf16/fp32) and `--fp16`; None means plain fp32."""
-    if fp16:
-        if device.type != "cuda":
-            raise UserError("--fp16: needs a CUDA GPU; on CPU use --precision bf16 (the default where supported)")
-        return torch.float16
-    if precision == "fp32":
-        return None
-    if precision == "bf16" and not bf16_supported(device):
-        raise UserError(f"--precision bf16: this {device.type.upper()} has no fast bf16; use --precision fp32")
-    return torch.bfloat16 if bf16_supported(device) else None
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -219,17 +239,26 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 class CausalLMLoss(torch.nn.Module):
-    """The model and its next-token loss in one module, so DDP, DataParallel and torch.compile wrap both."""
+    """The model and its next-token loss in one module, so DDP, DataParallel and torch.compile wrap both.
 
-    def __init__(self, lm):
+    It enters autocast itself with `dtype` (None: fp32): autocast is thread-local, and DataParallel runs each
+    replica in a worker thread that re-enters autocast without a dtype (fp16 on CUDA, whatever was asked).
+    """
+
+    def __init__(self, lm, dtype=None):
         super().__init__()
         self.lm = lm
+        self.dtype = dtype
 
     def forward(self, input_ids, labels):
-        hidden = self.lm.transformer(input_ids=input_ids).last_hidden_state  # [B, T, E]
-        device = hidden.device.type
-        if torch.is_autocast_enabled(device):  # the final layer norm hands back fp32
-            hidden = hidden.to(torch.get_autocast_dtype(device))
-        # position t predicts token t+1
-        return LinearCrossEntropy.apply(hidden[:, :-1].flatten(0, 1), self.lm.lm_head.weight,
-                                        labels[:, 1:].flatten(), 256 if device == "cpu" else 8192)
+        device = input_ids.device.type
+        with torch.autocast(device, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            hidden = self.lm.transformer(input_ids=input_ids).last_hidden_state  # [B, T, E]
+            hidden, labels = hidden[:, :-1].flatten(0, 1), labels[:, 1:].flatten()  # position t predicts t+1
+            if self.dtype == torch.float16:
+                # LinearCrossEntropy computes the gradient inside forward, before a GradScaler's factor reaches
+                # it: in fp16 most of it would underflow. The library's loss gets the scaled gradient instead.
+                return F.cross_entropy(self.lm.lm_head(hidden).float(), labels, ignore_index=-100)
+            if self.dtype is not None:  # the final layer norm hands back fp32
+                hidden = hidden.to(self.dtype)
+            return LinearCrossEntropy.apply(hidden, self.lm.lm_head.weight, labels, 256 if device == "cpu" else 8192)

@@ -8,7 +8,8 @@ import numpy as np
 from .errors import UserError
 from .fileio import write_json_atomic
 from .text import load_articles
-from .vocab import encode_articles, vocab_hash
+from .articles import encode_articles
+from .vocab import vocab_hash
 
 FORMAT_VERSION = 2  # 1 was the original's space-separated text files
 MANIFEST = "manifest.json"
@@ -19,15 +20,16 @@ def corpus_fingerprint(raw_data_path):
     return {"corpus_sha256": hashlib.sha256(data).hexdigest(), "corpus_bytes": len(data)}
 
 
-def expected_manifest(raw_data_path, tokenizer_path, num_pieces, min_length):
-    return {"format_version": FORMAT_VERSION, "vocab_sha256": vocab_hash(tokenizer_path),
+def expected_manifest(raw_data_path, tokenizer, num_pieces, min_length):
+    return {"format_version": FORMAT_VERSION, "vocab_sha256": vocab_hash(tokenizer),
             **corpus_fingerprint(raw_data_path), "num_pieces": num_pieces, "min_length": min_length}
 
 
-def build_pieces(raw_data_path, tokenizer, tokenizer_path, tokenized_data_path, num_pieces, min_length):
+def build_pieces(raw_data_path, tokenizer, vocab_name, tokenized_data_path, num_pieces, min_length):
     """Tokenize train.json into `num_pieces` uint16 arrays; return the manifest.
 
-    Articles shorter than `min_length` characters are skipped; each kept article becomes
+    `vocab_name` names the tokenizer's vocabulary in messages. Articles shorter than `min_length` characters
+    are skipped; each kept article becomes
     [MASK] … [CLS] with [SEP] for newlines; the token stream is cut into `num_pieces` equal parts.
     """
     if num_pieces < 1:
@@ -52,7 +54,7 @@ def build_pieces(raw_data_path, tokenizer, tokenizer_path, tokenized_data_path, 
         np.save(out / f"tokenized_train_{i}.npy", piece.astype(dtype))
         sizes.append(len(piece))
     unk = int((ids == tokenizer.unk_token_id).sum())
-    manifest = {**expected_manifest(raw_data_path, tokenizer_path, num_pieces, min_length),
+    manifest = {**expected_manifest(raw_data_path, tokenizer, num_pieces, min_length),
                 "tokens": int(len(ids)), "piece_tokens": sizes, "articles": len(kept),
                 "characters": sum(map(len, kept)),
                 "articles_skipped": len(articles) - len(kept), "unk_tokens": unk}
@@ -60,7 +62,7 @@ def build_pieces(raw_data_path, tokenizer, tokenizer_path, tokenized_data_path, 
     return manifest
 
 
-def check_pieces(raw_data_path, tokenizer_path, tokenized_data_path, num_pieces, min_length):
+def check_pieces(raw_data_path, tokenizer, vocab_name, tokenized_data_path, num_pieces, min_length):
     """Return the manifest if the pieces match the corpus, vocabulary and flags; else say what changed."""
     out = Path(tokenized_data_path)
     path = out / MANIFEST
@@ -72,8 +74,8 @@ def check_pieces(raw_data_path, tokenizer_path, tokenized_data_path, num_pieces,
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if not Path(raw_data_path).is_file():
         raise UserError(f"{raw_data_path}: not found; it is needed to check that {out} is up to date")
-    expected = expected_manifest(raw_data_path, tokenizer_path, num_pieces, min_length)
-    names = {"format_version": "the piece format", "vocab_sha256": f"the vocabulary {tokenizer_path}",
+    expected = expected_manifest(raw_data_path, tokenizer, num_pieces, min_length)
+    names = {"format_version": "the piece format", "vocab_sha256": f"the vocabulary ({vocab_name})",
              "corpus_sha256": f"the corpus {raw_data_path}", "corpus_bytes": f"the corpus {raw_data_path}",
              "num_pieces": "--num_pieces", "min_length": "--min_length"}
     changed = list(dict.fromkeys(names[k] for k, v in expected.items() if manifest.get(k) != v))

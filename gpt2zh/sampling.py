@@ -1,6 +1,4 @@
 """Sampling continuations: a batch at a time, KV cache always on, a sliding window past n_ctx."""
-import re
-
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -115,13 +113,14 @@ def draw(probs, generator=None):
 
 @torch.no_grad()
 def sample(model, prefix_ids, length, batch_size, processors, n_ctx, greedy=False, use_cache=True, generator=None,
-           on_step=None):
+           on_step=None, stop_id=None):
     """Continue `prefix_ids` by `length` tokens in `batch_size` independent draws.
 
     Returns a LongTensor [batch_size, len(prefix_ids) + length]. With the cache, each step feeds one
     token; when the cache would pass n_ctx, the last n_ctx // 2 tokens are encoded again and the
     continuation goes on from there (a sliding window). use_cache=False re-encodes the window every
-    step, as the original did: the same tokens, far slower (a test checks they agree).
+    step, as the original did: the same tokens, far slower (a test checks they agree). With `stop_id`, sampling
+    ends early once every row has produced it (rows are not cut: see `cut_at_stop`).
     """
     device = next(model.parameters()).device
     tokens = torch.tensor([prefix_ids] * batch_size, dtype=torch.long, device=device)  # [B, P]
@@ -130,6 +129,7 @@ def sample(model, prefix_ids, length, batch_size, processors, n_ctx, greedy=Fals
     else:
         window = tokens
     cache = None
+    stopped = torch.zeros(batch_size, dtype=torch.bool, device=device)
     for _ in range(length):
         if cache is None or not use_cache:
             out = model(input_ids=window, cache=preallocated_cache(model, n_ctx) if use_cache else None,
@@ -145,6 +145,10 @@ def sample(model, prefix_ids, length, batch_size, processors, n_ctx, greedy=Fals
         tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
         if on_step:
             on_step()
+        if stop_id is not None:
+            stopped |= next_ids == stop_id
+            if bool(stopped.all()):
+                break
         if cache is not None and cache.get_seq_length() + 1 > n_ctx:
             cache = None  # slide: the next step re-encodes the most recent half window
             window = tokens[:, -(n_ctx // 2):]
@@ -153,24 +157,9 @@ def sample(model, prefix_ids, length, batch_size, processors, n_ctx, greedy=Fals
     return tokens
 
 
-def is_word(token):
-    return re.fullmatch(r"[a-z]+", token) is not None
-
-
-def ids_to_text(tokenizer, ids):
-    """The original's output format: [CLS] a blank line, [SEP] a newline, [MASK] dropped, ## joined,
-    a space kept between English words."""
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    pieces = []
-    for i, token in enumerate(tokens):
-        if token == "[MASK]":
-            pieces.append("")
-        elif token == "[CLS]":
-            pieces.append("\n\n")
-        elif token == "[SEP]":
-            pieces.append("\n")
-        elif i + 1 < len(tokens) and is_word(token.removeprefix("##")) and is_word(tokens[i + 1]):
-            pieces.append(token + " ")
-        else:
-            pieces.append(token)
-    return "".join(pieces).replace("##", "").strip()
+def cut_at_stop(row, prefix_length, stop_id):
+    """A sampled row up to and including the first `stop_id` after the prefix (all of it if there is none)."""
+    for i in range(prefix_length, len(row)):
+        if row[i] == stop_id:
+            return row[:i + 1]
+    return row

@@ -12,13 +12,17 @@ from tqdm import tqdm
 from . import checkpoints
 from .console import progress_bar
 from .curves import MetricsLog
-from .devices import distributed_rank, resolve_devices
+from .articles import encode_articles
+from .devices import autocast_dtype, distributed_rank, pick_device, precision_name
 from .errors import UserError
 from .evaluation import evaluate, summarize
-from .model import CausalLMLoss, autocast_dtype, build_model, count_parameters, load_config
+from .model import CausalLMLoss, build_model, context_length, count_parameters, load_config
 from .pieces import build_pieces, check_pieces, load_pieces, make_batch, make_windows
 from .text import load_articles
-from .vocab import encode_articles, load_tokenizer
+from .vocab import load_tokenizer
+
+DEFAULT_VOCAB = "cache/vocab_small.txt"
+ADAM_EPS = 1e-6  # the original's (transformers' old AdamW default); torch's default is 1e-8
 
 # Flags that define the sequence of optimizer steps: a resumed run must use the same ones.
 RUN_SETTINGS = ("model_config", "stride", "batch_size", "gradient_accumulation", "epochs", "num_pieces",
@@ -47,9 +51,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def validate(args, n_ctx):
+def validate(args, n_ctx, config_name):
     checks = [(args.stride <= 0 or args.stride > n_ctx, f"--stride {args.stride}: must be between 1 and n_ctx "
-                                                          f"({n_ctx}) of {args.model_config}"),
+                                                          f"({n_ctx}) of {config_name}"),
+              (args.log_step < 1, f"--log_step {args.log_step}: must be at least 1"),
               (args.num_pieces < 1, f"--num_pieces {args.num_pieces}: must be at least 1"),
               (args.epochs < 1, f"--epochs {args.epochs}: must be at least 1"),
               (args.batch_size < 1, f"--batch_size {args.batch_size}: must be at least 1"),
@@ -94,7 +99,7 @@ def make_optimizer(model, args, device):
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type in ("cpu", "cuda"))
+    return torch.optim.AdamW(groups, lr=args.lr, eps=ADAM_EPS, fused=device.type in ("cpu", "cuda"))
 
 
 def make_scheduler(optimizer, args, total_steps):
@@ -117,19 +122,82 @@ def is_out_of_memory(error):
         or "out of memory" in str(error).lower()
 
 
+def model_and_vocabulary(args, say):
+    """(config, tokenizer, name of the config, name of the vocabulary): --pretrained_model's own config and
+    vocabulary when it is given (a vocabulary given with --tokenizer_path must be the same), else
+    --model_config and --tokenizer_path."""
+    if args.pretrained_model:
+        config, tokenizer = checkpoints.open_model_folder(args.pretrained_model, args.tokenizer_path,
+                                                          "--pretrained_model")
+        config_name = f"--pretrained_model {args.pretrained_model}"
+        vocab_name = args.tokenizer_path or f"the vocabulary saved in {args.pretrained_model}"
+        say(f"--pretrained_model {args.pretrained_model}: its own config (n_ctx {context_length(config)}, vocab_size "
+            f"{config.vocab_size}; --model_config is not used) and {vocab_name} ({len(tokenizer)} tokens)")
+        return config, tokenizer, config_name, vocab_name
+    tokenizer_path = args.tokenizer_path or DEFAULT_VOCAB
+    config, tokenizer = load_config(args.model_config), load_tokenizer(tokenizer_path)
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"{tokenizer_path} has {len(tokenizer)} tokens but {args.model_config} has vocab_size "
+                        f"{config.vocab_size}; set vocab_size to at least {len(tokenizer)} or use a matching vocabulary")
+    return config, tokenizer, args.model_config, tokenizer_path
+
+
+def training_precision(args, device, say):
+    """The autocast dtype of the run (None: fp32), said in one line."""
+    dtype = autocast_dtype(device, args.precision, args.fp16)
+    note = ""
+    if args.fp16 and args.fp16_opt_level == "O0":
+        dtype, note = None, " (--fp16_opt_level O0: apex's O0 is plain fp32)"
+    elif args.fp16:
+        note = (f" with a GradScaler (--fp16_opt_level {args.fp16_opt_level}: torch.amp's fp16 autocast, apex's O1; "
+                f"weights stay fp32)")
+    say(f"precision: {precision_name(dtype)}{note}")
+    return dtype
+
+
+def optimizer_step(model, batches, optimizer, scheduler, scaler, max_grad_norm, device):
+    """One optimizer step over the micro-batches [(input_ids, labels)] of a gradient accumulation, clipped.
+    Returns the step's mean loss, kept on the device (reading it would wait for the GPU)."""
+    step_loss = torch.zeros((), device=device)
+    for input_ids, labels in batches:
+        loss = model(input_ids, labels).mean() / len(batches)  # DataParallel: one loss per GPU
+        (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += loss.detach()
+    if scaler:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+class LogWindow:
+    """Loss, steps and tokens since the last --log_step line, for the progress bar and metrics."""
+
+    def __init__(self):
+        self.loss, self.steps, self.tokens, self.start = 0.0, 0, 0, time.time()
+
+    def add(self, step_loss, tokens):
+        self.loss, self.steps, self.tokens = self.loss + step_loss, self.steps + 1, self.tokens + tokens
+
+    def tokens_per_s(self):
+        return self.tokens / max(time.time() - self.start, 1e-9)
+
+
 def train(args):
     rank, local_rank, world = distributed_rank()
     main_process = rank == 0
     say = print if main_process else (lambda *a, **k: None)
     output_dir = Path(args.output_dir)
 
-    config = load_config(args.model_config)
-    n_ctx = config.n_ctx
-    validate(args, n_ctx)
-    tokenizer = load_tokenizer(args.tokenizer_path)
-    if len(tokenizer) > config.vocab_size:
-        raise UserError(f"{args.tokenizer_path} has {len(tokenizer)} tokens but {args.model_config} has vocab_size "
-                        f"{config.vocab_size}; set vocab_size to at least {len(tokenizer)} or use a matching vocabulary")
+    config, tokenizer, config_name, vocab_name = model_and_vocabulary(args, say)
+    n_ctx = context_length(config)
+    validate(args, n_ctx, config_name)
 
     # ---- a previous run in output_dir: resume it, or replace it only when asked -------------------
     previous = checkpoints.previous_run(output_dir)
@@ -151,10 +219,8 @@ def train(args):
         say(f"device: {world} processes (DistributedDataParallel, {device.type})")
         gpu_ids = []
     else:
-        gpu_ids = resolve_devices(args.device)
-        device = torch.device(f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu")
-    dtype = autocast_dtype(device, args.precision, args.fp16)
-    say(f"precision: {'fp32 weights, ' + str(dtype).removeprefix('torch.') + ' autocast' if dtype else 'fp32'}")
+        device, gpu_ids = pick_device(args.device, say=say)
+    dtype = training_precision(args, device, say)
 
     # ---- data -----------------------------------------------------------------------------------
     eval_ids, eval_chars = None, None
@@ -167,14 +233,14 @@ def train(args):
         eval_chars = sum(map(len, eval_articles))
     if args.raw and main_process:
         say(f"tokenizing {args.raw_data_path} into {args.num_pieces} pieces in {args.tokenized_data_path}")
-        manifest = build_pieces(args.raw_data_path, tokenizer, args.tokenizer_path, args.tokenized_data_path,
+        manifest = build_pieces(args.raw_data_path, tokenizer, vocab_name, args.tokenized_data_path,
                                 args.num_pieces, args.min_length)
         say(f"  {manifest['tokens']:,} tokens from {manifest['articles']} articles "
             f"({manifest['articles_skipped']} shorter than --min_length {args.min_length} skipped), "
             f"[UNK] {100 * manifest['unk_tokens'] / manifest['tokens']:.3f}%")
     if world > 1:
         torch.distributed.barrier()
-    manifest = check_pieces(args.raw_data_path, args.tokenizer_path, args.tokenized_data_path, args.num_pieces,
+    manifest = check_pieces(args.raw_data_path, tokenizer, vocab_name, args.tokenized_data_path, args.num_pieces,
                             args.min_length)
     pieces = load_pieces(args.tokenized_data_path, manifest)
     if args.eval_ratio:
@@ -189,6 +255,7 @@ def train(args):
     say("config:\n" + config.to_json_string())
     torch.manual_seed(args.seed)  # before the weights are drawn: a run is reproducible
     model = build_model(config, resume_from or args.pretrained_model or None, attn_dropout=not args.no_attn_dropout)
+    checkpoints.record_vocabulary(model, tokenizer)
     say(f"number of parameters: {count_parameters(model)}")
     if args.no_attn_dropout and config.attn_pdrop:
         say(f"--no_attn_dropout: attention dropout {config.attn_pdrop} -> 0 (faster on CPU)")
@@ -199,7 +266,7 @@ def train(args):
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation)
     total_steps = steps_per_epoch * args.epochs
     scheduler = make_scheduler(optimizer, args, total_steps)
-    scaler = torch.amp.GradScaler("cuda") if args.fp16 else None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
 
     if main_process and previous and args.overwrite:  # only now that every input has been checked
@@ -230,7 +297,7 @@ def train(args):
             say(f"the run already finished; its final model is in {output_dir / 'final_model'}")
             return 0
 
-    model = CausalLMLoss(model)
+    model = CausalLMLoss(model, dtype)  # runs in `dtype` in every thread and process that calls it
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     elif len(gpu_ids) > 1:
@@ -256,8 +323,36 @@ def train(args):
             metrics.log(step, eval_loss=result["loss"], eval_loss_per_char=result["loss_per_char"])
         return result
 
+    def finish_epoch(epoch, global_step, best_eval):
+        """Held-out loss, best_model/, model_epoch{N}/ and the checkpoint after `epoch` (counted from 1);
+        returns the best held-out loss so far."""
+        if eval_ids is not None:
+            result = run_eval(global_step)
+            say(f"epoch {epoch}: held-out loss {result['loss']:.4f} ({result['perplexity']:.1f} perplexity), "
+                f"{result['loss_per_char']:.4f} nats per character")
+            if args.keep_best and result["loss"] < best_eval and main_process:
+                best_eval = result["loss"]
+                checkpoints.save_model_folder(model, tokenizer, output_dir / "best_model")
+                say(f"saved {output_dir / 'best_model'} (best held-out loss so far)")
+        if main_process:
+            checkpoints.save_model_folder(model, tokenizer, output_dir / f"model_epoch{epoch}")
+            say(f"saved {output_dir / f'model_epoch{epoch}'}")
+            save({"epoch": epoch, "global_step": global_step, "best_eval": best_eval}, f"end of epoch {epoch}")
+            metrics.plot()
+        return best_eval
+
+    def micro_batches(order, step_in_epoch):
+        """The (input_ids, labels) of one optimizer step on the device, and the tokens they hold (all ranks)."""
+        first = step_in_epoch * args.gradient_accumulation
+        batches, tokens = [], 0
+        for b in range(first, min(first + args.gradient_accumulation, batches_per_epoch)):
+            input_ids, labels = make_batch(pieces, windows[order[b * args.batch_size:(b + 1) * args.batch_size]],
+                                           tokenizer.pad_token_id)
+            tokens += int((labels != -100).sum()) * world
+            batches.append((to_device(torch.from_numpy(input_ids), device), to_device(torch.from_numpy(labels), device)))
+        return batches, tokens
+
     stop = StopRequest()
-    pad_id = tokenizer.pad_token_id
     last_save = time.time()
     try:
         while epoch < args.epochs:
@@ -265,32 +360,11 @@ def train(args):
             first_step = global_step - epoch * steps_per_epoch
             bar = progress_bar(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
                                unit="step", disable=not main_process)
-            window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.time()
-            last_postfix = 0.0
+            window, last_postfix = LogWindow(), 0.0
             for step_in_epoch in range(first_step, steps_per_epoch):
-                first_batch = step_in_epoch * args.gradient_accumulation
-                batch_ids = range(first_batch, min(first_batch + args.gradient_accumulation, batches_per_epoch))
-                step_loss = torch.zeros((), device=device)  # stays on the device: no GPU sync a step
+                batches, tokens = micro_batches(order, step_in_epoch)
                 try:
-                    for b in batch_ids:
-                        rows = windows[order[b * args.batch_size:(b + 1) * args.batch_size]]
-                        batch = make_batch(pieces, rows, pad_id)
-                        window_tokens += int((batch[1] != -100).sum()) * world
-                        input_ids, labels = (to_device(torch.from_numpy(a), device) for a in batch)
-                        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                            loss = model(input_ids, labels).mean() / len(batch_ids)
-                        (scaler.scale(loss) if scaler else loss).backward()
-                        step_loss += loss.detach()
-                    if scaler:
-                        scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    if scaler:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    step_loss = optimizer_step(model, batches, optimizer, scheduler, scaler, args.max_grad_norm, device)
                 except RuntimeError as error:
                     if is_out_of_memory(error):
                         raise UserError(f"out of memory on {device} with --batch_size {args.batch_size}; lower "
@@ -299,25 +373,25 @@ def train(args):
                                         f"--gradient_accumulation {args.gradient_accumulation * 2})") from None
                     raise
                 global_step += 1
-                window_loss += step_loss
-                window_steps += 1
+                window.add(step_loss, tokens)
                 lr = scheduler.get_last_lr()[0]
-                tokens_per_s = window_tokens / max(time.time() - window_start, 1e-9)
                 if time.time() - last_postfix >= 1:  # .item() waits for the GPU: once a second, not each step
-                    bar.set_postfix(loss=f"{step_loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                    bar.set_postfix(loss=f"{step_loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{window.tokens_per_s():,.0f}")
                     last_postfix = time.time()
                 bar.update()
-                if global_step % args.log_step == 0 or step_in_epoch == steps_per_epoch - 1:
-                    mean_loss = window_loss.item() / window_steps
+                last_of_epoch = step_in_epoch == steps_per_epoch - 1
+                if global_step % args.log_step == 0 or last_of_epoch:
+                    mean_loss = window.loss.item() / window.steps
                     if metrics:
-                        metrics.log(global_step, epoch=epoch + 1, train_loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s)
+                        metrics.log(global_step, epoch=epoch + 1, train_loss=mean_loss, lr=lr,
+                                    tokens_per_s=window.tokens_per_s())
                         tqdm.write(f"{time.strftime('%H:%M:%S')} epoch {epoch + 1} step {global_step}/{total_steps}: "
-                                   f"loss {mean_loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s")
-                    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.time()
+                                   f"loss {mean_loss:.4f}, lr {lr:.2e}, {window.tokens_per_s():,.0f} tokens/s")
+                    window = LogWindow()
                 if eval_ids is not None and args.eval_every and global_step % args.eval_every == 0:
                     result = run_eval(global_step)
                     tqdm.write(f"step {global_step}: held-out loss {result['loss']:.4f}")
-                if step_in_epoch == steps_per_epoch - 1:
+                if last_of_epoch:
                     break  # the end of the epoch saves (and honours a stop request) below
                 position = {"epoch": epoch, "global_step": global_step, "best_eval": best_eval}
                 if stop.signal is not None:
@@ -330,20 +404,8 @@ def train(args):
                     last_save = time.time()
             bar.close()
             epoch += 1
-            if eval_ids is not None:
-                result = run_eval(global_step)
-                say(f"epoch {epoch}: held-out loss {result['loss']:.4f} ({result['perplexity']:.1f} perplexity), "
-                    f"{result['loss_per_char']:.4f} nats per character")
-                if args.keep_best and result["loss"] < best_eval and main_process:
-                    best_eval = result["loss"]
-                    checkpoints.save_model_folder(model, tokenizer, output_dir / "best_model")
-                    say(f"saved {output_dir / 'best_model'} (best held-out loss so far)")
-            if main_process:
-                checkpoints.save_model_folder(model, tokenizer, output_dir / f"model_epoch{epoch}")
-                say(f"saved {output_dir / f'model_epoch{epoch}'}")
-                save({"epoch": epoch, "global_step": global_step, "best_eval": best_eval}, f"end of epoch {epoch}")
-                last_save = time.time()
-                metrics.plot()
+            best_eval = finish_epoch(epoch, global_step, best_eval)
+            last_save = time.time()
             if stop.signal is not None and epoch < args.epochs:
                 say(f"stopped after epoch {epoch}; continue with the same command plus --resume")
                 return 130

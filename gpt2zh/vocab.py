@@ -82,34 +82,69 @@ def read_vocab(path):
     return tokens
 
 
-def vocab_hash(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def vocab_tokens(tokenizer):
+    """The vocabulary's tokens in id order."""
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab, key=vocab.get)
+
+
+def vocab_hash(tokenizer):
+    """A fingerprint of the vocabulary itself (tokens and their ids), wherever it was loaded from."""
+    return hashlib.sha256("\n".join(vocab_tokens(tokenizer)).encode("utf-8")).hexdigest()
+
+
+def for_gpt2(tokenizer, n_ctx=None):
+    """The BERT-style tokenizer as a GPT-2 needs it, also when a user loads our folder with AutoTokenizer:
+    no [CLS] ... [SEP] added around the text ([SEP] is a line break here), no token_type_ids (GPT-2 would add
+    their embedding to its input), text decoded without spaces between characters, and `n_ctx` as
+    model_max_length. Loaded again from a saved folder it stays so (a generic tokenizer class keeps
+    tokenizer.json as it is; BertTokenizer would rebuild the [CLS] ... [SEP] template)."""
+    from tokenizers import Tokenizer, decoders, processors
+    from transformers import PreTrainedTokenizerFast
+
+    missing = [t for t in SPECIAL_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)
+               and t != "[UNK]"]
+    if missing or tokenizer.unk_token_id is None:
+        raise UserError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: lacks the special tokens "
+                        f"{' '.join(missing or ['[UNK]'])}; it must be a BERT-style vocabulary")
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    backend.decoder = decoders.Sequence([decoders.Replace("[SEP]", "\n"), decoders.Replace("[CLS]", "\n\n"),
+                                         decoders.Replace("[MASK]", ""), decoders.Replace("##", ""),
+                                         decoders.Fuse()])
+    limit = {"model_max_length": n_ctx} if n_ctx else {}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "attention_mask"], **limit)
+
+
+def folder_tokenizer(folder):
+    """The tokenizer saved in a model folder (ours: tokenizer.json; the Hugging Face layout: tokenizer.json, or
+    vocab.txt with or without a tokenizer_config.json), or None if the folder has no vocabulary."""
+    from transformers import AutoTokenizer, BertTokenizer
+
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return for_gpt2(AutoTokenizer.from_pretrained(folder))
+    if (folder / "vocab.txt").is_file():
+        read_vocab(folder / "vocab.txt")  # a clear message for a vocabulary without the BERT specials
+        # AutoTokenizer would follow config.json's model_type to GPT-2's tokenizer, which has no vocab.txt.
+        return for_gpt2(BertTokenizer.from_pretrained(folder))
+    return None
 
 
 def load_tokenizer(path):
-    """The fast (Rust) BERT tokenizer over a vocab file or a saved model/tokenizer folder."""
-    from transformers import AutoTokenizer, BertTokenizer
+    """The fast (Rust) BERT tokenizer over a vocab file (any BERT-style layout: the special tokens are found by
+    name), or the one saved in a model or tokenizer folder."""
+    from transformers import BertTokenizer
 
     path = Path(path)
     if path.is_dir():
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = folder_tokenizer(path)
+        if tokenizer is None:
+            raise UserError(f"{path}: a folder with no vocabulary in it (no tokenizer.json or vocab.txt); give the "
+                            f"vocabulary file, e.g. --tokenizer_path cache/vocab_small.txt")
+        return tokenizer
     tokens = read_vocab(path)
     # `vocab=` (a dict) is the argument; transformers 5 silently ignores `vocab_file=`.
-    return BertTokenizer(vocab={t: i for i, t in enumerate(tokens)})
-
-
-def encode_articles(tokenizer, articles):
-    """Token ids of each article as [MASK] text [CLS], each newline as [SEP]. Lines are encoded in one batch."""
-    lines = [line for article in articles for line in article.split("\n")]
-    encoded = iter(tokenizer(lines, add_special_tokens=False)["input_ids"])
-    mask, cls, sep = (tokenizer.convert_tokens_to_ids(t) for t in ("[MASK]", "[CLS]", "[SEP]"))
-    result = []
-    for article in articles:
-        ids = [mask]
-        for i in range(article.count("\n") + 1):
-            if i:
-                ids.append(sep)
-            ids += next(encoded)
-        ids.append(cls)
-        result.append(ids)
-    return result
+    return for_gpt2(BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}))

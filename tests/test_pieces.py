@@ -53,18 +53,18 @@ def test_more_pieces_than_articles_and_min_length(corpus, tmp_path):
 def test_stale_pieces_say_what_changed(corpus, tmp_path):
     tokenizer = load_tokenizer(VOCAB)
     build_pieces(corpus, tokenizer, VOCAB, tmp_path / "tok", num_pieces=2, min_length=2)
-    assert check_pieces(corpus, VOCAB, tmp_path / "tok", 2, 2)["num_pieces"] == 2
+    assert check_pieces(corpus, tokenizer, VOCAB, tmp_path / "tok", 2, 2)["num_pieces"] == 2
     with pytest.raises(UserError, match="--num_pieces changed.*add --raw"):
-        check_pieces(corpus, VOCAB, tmp_path / "tok", 3, 2)
+        check_pieces(corpus, tokenizer, VOCAB, tmp_path / "tok", 3, 2)
     other_vocab = tmp_path / "vocab.txt"
     other_vocab.write_text(VOCAB.read_text(encoding="utf-8") + "新\n", encoding="utf-8")
-    with pytest.raises(UserError, match="the vocabulary .*vocab.txt changed"):
-        check_pieces(corpus, other_vocab, tmp_path / "tok", 2, 2)
+    with pytest.raises(UserError, match=r"the vocabulary \(.*vocab.txt\) changed"):
+        check_pieces(corpus, load_tokenizer(other_vocab), other_vocab, tmp_path / "tok", 2, 2)
     corpus.write_text(json.dumps(["第一回\n甲乙丙丁戊。"], ensure_ascii=False), encoding="utf-8")
     with pytest.raises(UserError, match="the corpus .*train.json changed"):
-        check_pieces(corpus, VOCAB, tmp_path / "tok", 2, 2)
+        check_pieces(corpus, tokenizer, VOCAB, tmp_path / "tok", 2, 2)
     with pytest.raises(UserError, match="no tokenized pieces; add --raw"):
-        check_pieces(corpus, VOCAB, tmp_path / "elsewhere", 2, 2)
+        check_pieces(corpus, tokenizer, VOCAB, tmp_path / "elsewhere", 2, 2)
 
 
 def test_every_article_too_short(corpus, tmp_path):

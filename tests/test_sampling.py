@@ -2,7 +2,8 @@ import torch
 
 from conftest import ROOT, TINY_CONFIG
 from gpt2zh.model import build_model, load_config
-from gpt2zh.sampling import (PackedLinear, draw, ids_to_text, make_logits_processors, pack_for_cpu_sampling,
+from gpt2zh.articles import ids_to_text
+from gpt2zh.sampling import (PackedLinear, draw, make_logits_processors, pack_for_cpu_sampling,
                              sample)
 from gpt2zh.vocab import load_tokenizer
 

@@ -14,7 +14,8 @@ def test_pipeline_trains_and_saves_loadable_folders(trained):
     model = AutoModelForCausalLM.from_pretrained(model_dir / "final_model")
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "final_model")
     assert (model_dir / "final_model" / "model.safetensors").is_file()
-    assert tokenizer.convert_ids_to_tokens(tokenizer("悟空")["input_ids"])[1:3] == ["悟", "空"]
+    encoded = tokenizer("悟空")  # as GPT-2 wants it: no [CLS] ... [SEP] around it, no token_type_ids
+    assert tokenizer.convert_ids_to_tokens(encoded["input_ids"]) == ["悟", "空"] and "token_type_ids" not in encoded
     assert model.config.n_ctx == 32
     rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["train_loss"] for r in rows if "train_loss" in r]

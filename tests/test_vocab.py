@@ -4,7 +4,8 @@ import pytest
 
 from conftest import CORPUS, ROOT, run
 from gpt2zh.text import clean_articles, read_novel, split_articles
-from gpt2zh.vocab import SPECIAL_TOKENS, build_default_vocab, encode_articles, load_tokenizer, read_vocab
+from gpt2zh.articles import encode_articles
+from gpt2zh.vocab import SPECIAL_TOKENS, build_default_vocab, load_tokenizer, read_vocab
 
 
 def test_committed_vocabulary_is_what_the_builder_makes(tmp_path):

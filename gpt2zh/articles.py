@@ -1,0 +1,70 @@
+"""The article format of the token stream, the original GPT2-Chinese's: [MASK] starts an article, [CLS] ends
+it, [SEP] is a line break. Text -> ids for training and prefixes, ids -> text for samples."""
+import re
+
+ARTICLE_START, ARTICLE_END, LINE_BREAK = "[MASK]", "[CLS]", "[SEP]"
+MARKERS = re.compile(r"(\[CLS\]|\[SEP\]|\[MASK\])")
+
+
+def marker_ids(tokenizer):
+    """(article start, article end, line break) ids in this vocabulary."""
+    return tuple(tokenizer.convert_tokens_to_ids(t) for t in (ARTICLE_START, ARTICLE_END, LINE_BREAK))
+
+
+def encode_articles(tokenizer, articles):
+    """Token ids of each article as [MASK] text [CLS], each newline as [SEP]. Lines are encoded in one batch."""
+    lines = [line for article in articles for line in article.split("\n")]
+    encoded = iter(tokenizer(lines, add_special_tokens=False)["input_ids"])
+    start, end, line_break = marker_ids(tokenizer)
+    result = []
+    for article in articles:
+        ids = [start]
+        for i in range(article.count("\n") + 1):
+            if i:
+                ids.append(line_break)
+            ids += next(encoded)
+        ids.append(end)
+        result.append(ids)
+    return result
+
+
+def encode_prefix(tokenizer, prefix, no_wordpiece=False):
+    """A prefix typed by the user: the markers as written ([CLS] starts a new article, as in the original),
+    the rest tokenized (with no_wordpiece, character by character)."""
+    if not no_wordpiece:
+        return tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    vocab = tokenizer.get_vocab()
+    ids = []
+    for part in MARKERS.split(prefix):
+        ids += [vocab[part]] if part in vocab else [vocab.get(c.lower(), tokenizer.unk_token_id)
+                                                     for c in part if not c.isspace()]
+    return ids
+
+
+def missing_characters(tokenizer, prefix):
+    """The characters of `prefix` that the vocabulary lacks (they would become [UNK])."""
+    vocab = tokenizer.get_vocab()
+    return sorted({c for c in MARKERS.sub("", prefix) if not c.isspace() and c.lower() not in vocab})
+
+
+def is_word(token):
+    return re.fullmatch(r"[a-z]+", token) is not None
+
+
+def ids_to_text(tokenizer, ids):
+    """The original's output format: [CLS] a blank line, [SEP] a newline, [MASK] dropped, ## joined,
+    a space kept between English words."""
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    pieces = []
+    for i, token in enumerate(tokens):
+        if token == ARTICLE_START:
+            pieces.append("")
+        elif token == ARTICLE_END:
+            pieces.append("\n\n")
+        elif token == LINE_BREAK:
+            pieces.append("\n")
+        elif i + 1 < len(tokens) and is_word(token.removeprefix("##")) and is_word(tokens[i + 1]):
+            pieces.append(token + " ")
+        else:
+            pieces.append(token)
+    return "".join(pieces).replace("##", "").strip()
