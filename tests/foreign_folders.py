@@ -30,6 +30,7 @@ def tiny_gpt2(vocab_size, seed=0):
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # peaky enough that greedy decoding is not a string of near-ties
         model.transformer.wte.weight.mul_(20)
+        model.transformer.wte.weight[:len(BERT_LAYOUT_HEAD)] = 0  # and never picks a special token
     return model
 
 
@@ -71,10 +72,7 @@ def greedy_text(model, tokens, prefix_tokens, length):
     """Greedy continuation computed here from the weights and the vocabulary list alone: ([ids], text)."""
     index = {t: i for i, t in enumerate(tokens)}
     ids = [index[t] for t in prefix_tokens]
-    banned = [index["[UNK]"], index["[PAD]"]]
     with torch.no_grad():
         for _ in range(length):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            logits[banned] = float("-inf")
-            ids.append(int(logits.argmax()))
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
     return ids, "".join(tokens[i] for i in ids)
