@@ -1,4 +1,5 @@
-"""Step 2: clean data/input.json into data/train.json (control/zero-width characters, whitespace)."""
+"""Step 2: clean data/input.json into data/train.json (control/zero-width characters, whitespace). Like the
+original's, it also repairs an input.json with raw control characters inside its strings."""
 import argparse
 
 from gpt2zh.errors import UserError, run_cli
@@ -12,7 +13,10 @@ def main():
     parser.add_argument("--output", default="data/train.json", help="where to write the cleaned JSON list")
     args = parser.parse_args()
 
-    articles = load_articles(args.input)
+    articles, repaired = load_articles(args.input, repair=True)
+    if repaired:
+        print(f"{args.input}: has raw control characters (line breaks, tabs, NUL, ...) inside its strings, which "
+              f"JSON forbids; repaired (line breaks kept)")
     cleaned, removed, dropped = clean_articles(articles)
     if not cleaned:
         raise UserError(f"{args.input}: every one of its {len(articles)} articles is empty after cleaning; "

@@ -3,6 +3,7 @@ import json
 import re
 import unicodedata
 from collections import Counter
+from functools import cache
 from pathlib import Path
 
 from .errors import UserError
@@ -22,8 +23,53 @@ CHAPTER_HEADING = re.compile(
 MAX_HEADING_CHARS = 60
 
 
+# Double-byte encodings whose bytes often decode as GB18030 without an error, into the wrong characters.
+OTHER_CJK_ENCODINGS = {"big5": "Big5 (traditional Chinese)", "cp950": "Big5 (traditional Chinese)",
+                       "big5hkscs": "Big5-HKSCS (traditional Chinese)", "shift_jis": "Shift-JIS (Japanese)",
+                       "cp932": "Shift-JIS (Japanese)", "euc_jp": "EUC-JP (Japanese)", "euc_kr": "EUC-KR (Korean)",
+                       "cp949": "EUC-KR (Korean)"}
+DETECTION_MIN_BYTES = 1000  # below this the detector mistakes real GBK text for Korean or Big5 (measured)
+
+
+@cache
+def _gb2312_hanzi():
+    hanzi = set()
+    for lead in range(0xB0, 0xF8):
+        for trail in range(0xA1, 0xFF):
+            try:
+                hanzi.add(bytes([lead, trail]).decode("gb2312"))
+            except UnicodeDecodeError:
+                pass
+    return hanzi
+
+
+def looks_like_mojibake(text):
+    """GB18030-decoded text that was something else: private-use characters, or a fifth or more of its hanzi
+    outside GB2312's 6,763 (a Chinese novel in GBK has almost none there)."""
+    if any(unicodedata.category(ch) == "Co" for ch in text):
+        return True
+    hanzi = [ch for ch in text if "\u3400" <= ch <= "\u9fff"]
+    common = _gb2312_hanzi()
+    return bool(hanzi) and sum(ch not in common for ch in hanzi) >= 0.2 * len(hanzi)
+
+
+def detect_other_cjk(data):
+    """charset-normalizer's best guess among the other CJK encodings, or None."""
+    try:
+        from charset_normalizer import from_bytes
+    except ImportError:
+        return None
+    best = from_bytes(data, cp_isolation=["gb18030", *OTHER_CJK_ENCODINGS]).best()
+    return best.encoding if best is not None and best.encoding in OTHER_CJK_ENCODINGS else None
+
+
 def decode_bytes(data, name):
-    """Decode a novel's bytes; return (text, encoding). Raise UserError naming `name` if impossible."""
+    """Decode a novel's bytes; return (text, encoding). Raise UserError naming `name` if impossible.
+
+    UTF-8 (with or without a byte-order mark), UTF-16/32 with one, GBK/GB18030; Big5, Shift-JIS and EUC-KR,
+    whose bytes mostly decode as GB18030 too, are told apart by charset-normalizer where GB18030 gives
+    mojibake or the file is long enough for its judgement.
+    """
     for bom, encoding in BOMS:
         if data.startswith(bom):
             try:
@@ -37,12 +83,22 @@ def decode_bytes(data, name):
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError as utf8_error:
-        try:
-            return data.decode("gb18030"), "gb18030"
-        except UnicodeDecodeError:
-            raise UserError(
-                f"{name}: is neither UTF-8 (invalid byte at offset {utf8_error.start}) nor GBK/GB18030; "
-                f"re-save it as UTF-8 (e.g. `iconv -f BIG5 -t UTF-8`)") from None
+        first_invalid = utf8_error.start
+    try:
+        text = data.decode("gb18030")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or looks_like_mojibake(text) or len(data) >= DETECTION_MIN_BYTES:
+        other = detect_other_cjk(data)
+        if other:
+            return data.decode(other), OTHER_CJK_ENCODINGS[other]
+    if text is None:
+        raise UserError(f"{name}: is neither UTF-8 (invalid byte at offset {first_invalid}) nor GBK/GB18030, Big5, "
+                        f"Shift-JIS or EUC-KR; re-save it as UTF-8 (e.g. `iconv -f BIG5 -t UTF-8`)")
+    if looks_like_mojibake(text):
+        raise UserError(f"{name}: decodes as GBK/GB18030 only into unlikely characters (private-use or rare ones): "
+                        f"it is in another encoding; re-save it as UTF-8 (e.g. `iconv -f BIG5 -t UTF-8`)")
+    return text, "gb18030"
 
 
 def read_novel(path):
@@ -61,8 +117,29 @@ def read_novel(path):
     return text, encoding
 
 
-def find_txt_files(paths):
-    """The .txt files named, or found (sorted, recursively) in the folders named."""
+ORIGINAL_PIECE = re.compile(r"tokenized_train_\d+\.txt")
+
+
+def not_a_novel(path):
+    """Why a .txt file found in a folder is not a novel (the project's own outputs, the original's tokenized
+    pieces), or None."""
+    if ORIGINAL_PIECE.fullmatch(path.name):
+        return "tokenized pieces of the original GPT2-Chinese"
+    if (path.parent / "manifest.json").is_file():
+        return "beside tokenized pieces"
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            head = {f.readline().strip() for _ in range(200)}
+    except OSError:
+        return None
+    if {"[UNK]", "[CLS]", "[SEP]"} <= head:
+        return "a vocabulary"
+    return None
+
+
+def find_txt_files(paths, say=print):
+    """The .txt files named, or found (sorted, recursively) in the folders named, leaving out (and naming)
+    the files in those folders that are not novels."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -71,7 +148,12 @@ def find_txt_files(paths):
             except PermissionError as error:
                 raise UserError(f"{error.filename}: permission denied while looking for .txt files; "
                                 f"make the folder readable (chmod +rx)") from None
-            files += found
+            for txt in found:
+                reason = not_a_novel(txt)
+                if reason:
+                    say(f"{txt}: skipped ({reason}, not a novel)")
+                else:
+                    files.append(txt)
         elif path.is_file():
             files.append(path)
         else:
@@ -162,8 +244,13 @@ def clean_articles(articles):
     return kept, removed, len(cleaned) - len(kept)
 
 
-def load_articles(path):
-    """Load a JSON list of strings (input.json / train.json) with clear errors."""
+def load_articles(path, repair=False):
+    """Load a JSON list of strings (input.json / train.json) with clear errors.
+
+    repair=True also takes raw control characters (line breaks, carriage returns, tabs, NUL) written
+    unescaped inside the strings, which strict JSON forbids: what the original's clr_ctrl.py was for.
+    Returns the articles, or with repair=True (articles, whether such characters were found).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: not found")
@@ -173,11 +260,18 @@ def load_articles(path):
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: is not UTF-8 (byte {error.start}); it should be the JSON written by "
                         f"txt_to_json.py") from None
+    repaired = False
     try:
         articles = json.loads(text)
     except json.JSONDecodeError as error:
-        raise UserError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}; "
-                        f"fix it there or regenerate it with txt_to_json.py") from None
+        if not (repair and error.msg == "Invalid control character at"):
+            raise UserError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}; "
+                            f"fix it there or regenerate it with txt_to_json.py") from None
+        try:
+            articles, repaired = json.loads(text, strict=False), True
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}; "
+                            f"fix it there or regenerate it with txt_to_json.py") from None
     if not isinstance(articles, list):
         raise UserError(f"{path}: must be a JSON list of strings (one per article), "
                         f"but it is a JSON {type(articles).__name__}")
@@ -185,4 +279,4 @@ def load_articles(path):
         if not isinstance(article, str):
             raise UserError(f"{path}: item {i} is a {type(article).__name__}, not a string; "
                             f"the file must be a JSON list of strings (one per article)")
-    return articles
+    return (articles, repaired) if repair else articles
