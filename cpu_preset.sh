@@ -19,7 +19,7 @@ python train.py --model_config config/model_config_cpu.json --tokenizer_path "$w
   --device cpu --eval_data_path "$work/eval.json" --output_dir model/cpu_preset/ \
   --writer_dir model/cpu_preset/tensorboard/ --overwrite
 python eval.py --pretrained_model model/cpu_preset/final_model --raw_data_path "$work/eval.json" \
-  --tokenized_data_path "$work/tokenized_eval/" --raw --num_pieces 1 --stride 128 --device cpu \
+  --tokenized_data_path "$work/tokenized_eval/" --raw --num_pieces 1 --stride 128 --log_step 20 --device cpu \
   --output_dir model/cpu_preset/
 python generate.py --model_path model/cpu_preset/final_model --device cpu --length 1000 --nsamples 10 \
   --prefix "[CLS]却说那大圣" --topk 40 --topp 1 --temperature 1.0 --repetition_penalty 1.1 --seed 1 \

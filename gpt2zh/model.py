@@ -31,9 +31,9 @@ def load_config(path, what="model config"):
         settings = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise UserError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
-    if settings.pop("model_type", "gpt2") != "gpt2":
-        raise UserError(f"{path}: describes a {json.loads(path.read_text(encoding='utf-8'))['model_type']} model; "
-                        f"this project trains and runs GPT-2 models only")
+    model_type = settings.pop("model_type", "gpt2")  # transformers 2.x wrote none
+    if model_type != "gpt2":
+        raise UserError(f"{path}: describes a {model_type} model; this project trains and runs GPT-2 models only")
     # GPT2Config's default token ids are GPT-2's own (50256); ours come from the vocabulary.
     config = GPT2Config(**{"bos_token_id": None, "eos_token_id": None, **settings})
     if "n_ctx" in settings and settings["n_ctx"] > config.n_positions:

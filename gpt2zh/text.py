@@ -7,6 +7,7 @@ from functools import cache
 from pathlib import Path
 
 from .errors import UserError
+from .vocab import hanzi_of
 
 BOMS = [  # longest first: the UTF-32 LE BOM starts with the UTF-16 LE one
     (b"\xff\xfe\x00\x00", "utf-32"),
@@ -32,15 +33,8 @@ DETECTION_MIN_BYTES = 1000  # below this the detector mistakes real GBK text for
 
 
 @cache
-def _gb2312_hanzi():
-    hanzi = set()
-    for lead in range(0xB0, 0xF8):
-        for trail in range(0xA1, 0xFF):
-            try:
-                hanzi.add(bytes([lead, trail]).decode("gb2312"))
-            except UnicodeDecodeError:
-                pass
-    return hanzi
+def gb2312_hanzi():
+    return set(hanzi_of("gb2312", range(0xB0, 0xF8), range(0xA1, 0xFF)))
 
 
 def looks_like_mojibake(text):
@@ -49,7 +43,7 @@ def looks_like_mojibake(text):
     if any(unicodedata.category(ch) == "Co" for ch in text):
         return True
     hanzi = [ch for ch in text if "\u3400" <= ch <= "\u9fff"]
-    common = _gb2312_hanzi()
+    common = gb2312_hanzi()
     return bool(hanzi) and sum(ch not in common for ch in hanzi) >= 0.2 * len(hanzi)
 
 

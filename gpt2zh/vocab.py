@@ -17,7 +17,7 @@ CJK_SYMBOLS = [chr(c) for c in range(0x3001, 0x3040)]  # 、。〃…〿 (U+3000
 FULLWIDTH_FORMS = [chr(c) for c in range(0xFF01, 0xFF66) if not "Ａ" <= chr(c) <= "Ｚ"]
 
 
-def _hanzi_of(codec, lead_bytes, trail_bytes):
+def hanzi_of(codec, lead_bytes, trail_bytes):
     """The CJK ideographs of a double-byte codec, in code order."""
     found = []
     for lead in lead_bytes:
@@ -46,9 +46,9 @@ def build_default_vocab(size=DEFAULT_VOCAB_SIZE):
     """
     punctuation = list(CHINESE_PUNCTUATION) + CJK_SYMBOLS + FULLWIDTH_FORMS
     big5_trails = list(range(0x40, 0x7F)) + list(range(0xA1, 0xFF))
-    hanzi = (_hanzi_of("gb2312", range(0xB0, 0xF8), range(0xA1, 0xFF))
-             + _hanzi_of("big5", range(0xC9, 0xFA), big5_trails)
-             + _hanzi_of("gbk", range(0x81, 0xFF), range(0x40, 0xFF)))
+    hanzi = (hanzi_of("gb2312", range(0xB0, 0xF8), range(0xA1, 0xFF))
+             + hanzi_of("big5", range(0xC9, 0xFA), big5_trails)
+             + hanzi_of("gbk", range(0x81, 0xFF), range(0x40, 0xFF)))
     tokens = _unique(SPECIAL_TOKENS + ASCII_TOKENS + ASCII_CONTINUATIONS + punctuation + hanzi)
     if len(tokens) < size:
         raise ValueError(f"only {len(tokens)} tokens are available for a vocabulary of {size}")
