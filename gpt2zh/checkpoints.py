@@ -30,7 +30,10 @@ def record_vocabulary(model, tokenizer):
     start, end, _ = marker_ids(tokenizer)
     never = [tokenizer.unk_token_id, tokenizer.pad_token_id, *range(len(tokenizer), lm.config.vocab_size)]
     for config in (lm.config, lm.generation_config):
-        config.bos_token_id, config.eos_token_id, config.pad_token_id = start, end, tokenizer.pad_token_id
+        config.bos_token_id, config.eos_token_id = start, end
+    # The pad id only where generate() reads it: in the model's config GPT-2 would look for it in every batch
+    # (a GPU sync a step, and a warning for each padded one).
+    lm.config.pad_token_id, lm.generation_config.pad_token_id = None, tokenizer.pad_token_id
     lm.generation_config.suppress_tokens = never
 
 
@@ -94,7 +97,7 @@ def previous_run(output_dir):
 
 def check_vocabulary(tokenizer, config, model_name, vocab_name, external):
     """Refuse a vocabulary that does not belong to the model. An `external` one (not saved with the model)
-    must also have the special-token ids the model's config records, or, where it records none (the
+    must also have the article markers' ids the model's config records, or, where it records none (the
     original GPT2-Chinese's folders), exactly the model's vocab_size."""
     problems = []
     if len(tokenizer) > config.vocab_size:
@@ -102,8 +105,7 @@ def check_vocabulary(tokenizer, config, model_name, vocab_name, external):
     if external:
         start, end, _ = marker_ids(tokenizer)
         recorded = [(getattr(config, key, None), name, own) for key, name, own in (
-            ("bos_token_id", ARTICLE_START, start), ("eos_token_id", ARTICLE_END, end),
-            ("pad_token_id", "[PAD]", tokenizer.pad_token_id))]
+            ("bos_token_id", ARTICLE_START, start), ("eos_token_id", ARTICLE_END, end))]
         recorded = [(value, name, own) for value, name, own in recorded if value is not None and value < config.vocab_size]
         problems += [f"{name} is id {own} there but {value} in the model" for value, name, own in recorded if value != own]
         if not recorded and len(tokenizer) != config.vocab_size:
