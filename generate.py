@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL's penalty on tokens already present")
     # Additions.
     p.add_argument("--seed", type=int, default=None, help="random seed (printed when not given)")
+    p.add_argument("--interactive", action="store_true",
+                   help="load the model once, then continue each beginning typed at the prompt (an empty line or "
+                        "Ctrl-D ends); --prefix is not used")
     p.add_argument("--stop_at_end", action="store_true",
                    help="end a sample at the end of an article ([CLS]) instead of after --length tokens: ask for "
                         "'one chapter' (--length is then the most it writes)")
@@ -55,39 +58,41 @@ def validate(args):
             raise UserError(message)
 
 
+def read_prefixes(interactive, prefix):
+    """--prefix, or with --interactive each line typed until an empty one or the end of input."""
+    if not interactive:
+        yield prefix
+        return
+    print("type a beginning and press Enter (an empty line or Ctrl-D ends) / 输入开头，回车续写（空行或 Ctrl-D 结束）")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line.strip():
+            return
+        yield line
+
+
 def main():
     args = parse_args()
     validate(args)
-    import torch
-
-    from gpt2zh.articles import ARTICLE_END, encode_prefix, ids_to_text, missing_characters
-    from gpt2zh.checkpoints import load_model_folder
+    from gpt2zh.articles import TextStream, encode_prefix, ids_to_text, missing_characters
     from gpt2zh.console import progress_bar
-    from gpt2zh.devices import autocast_dtype, pick_device
-    from gpt2zh.model import context_length, quiet_transformers
-    from gpt2zh.sampling import cut_at_stop, make_logits_processors, pack_for_cpu_sampling, sample
+    from gpt2zh.devices import pick_device
+    from gpt2zh.model import quiet_transformers
+    from gpt2zh.sampling import Writer
 
     quiet_transformers()
     device, _ = pick_device(args.device)
-    model, tokenizer = load_model_folder(args.model_path, args.tokenizer_path)
-    model.to(device, dtype=autocast_dtype(device, args.precision, fp16=False) or torch.float32).eval()
     batch_size = args.batch_size or args.nsamples
-    pack_for_cpu_sampling(model, batch_size)
-    n_ctx = context_length(model.config)
-    length = n_ctx if args.length == -1 else args.length
-
-    prefix_ids = encode_prefix(tokenizer, args.prefix, args.no_wordpiece)
-    missing = missing_characters(tokenizer, args.prefix)
-    if missing:
-        print(f"warning: these characters of --prefix are not in the vocabulary and become [UNK]: {''.join(missing)}")
-    if not prefix_ids:
-        raise UserError("--prefix is empty; give some text to continue, e.g. --prefix \"[CLS]悟空大喝一声\"")
+    writer = Writer(args.model_path, args.tokenizer_path, device, args.precision, batch_size)
+    tokenizer = writer.tokenizer
+    length = writer.n_ctx if args.length == -1 else args.length
+    processors = writer.processors(args.temperature, args.topk, args.topp, args.repetition_penalty)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     print(f"seed: {seed}")
-    generator = torch.Generator(device=device).manual_seed(seed)
-    # [UNK], [PAD], and the rows a config's vocab_size reserves beyond the vocabulary, which name no token
-    suppress = [tokenizer.unk_token_id, tokenizer.pad_token_id, *range(len(tokenizer), model.config.vocab_size)]
-    processors = make_logits_processors(args.temperature, args.topk, args.topp, args.repetition_penalty, suppress)
 
     samples_file = None
     if args.save_samples:
@@ -96,29 +101,46 @@ def main():
         if samples_path.exists():
             print(f"replacing the previous {samples_path}")
         samples_file = open(samples_path, "w", encoding="utf-8")
-    stop_id = tokenizer.convert_tokens_to_ids(ARTICLE_END) if args.stop_at_end else None
     generated, sampled_tokens, start = 0, 0, time.time()
-    while generated < args.nsamples:
-        rows = min(batch_size, args.nsamples - generated)
-        with progress_bar(total=rows * length, unit="tok", desc=f"sampling {rows}", leave=False) as bar:
-            out = sample(model, prefix_ids, length, rows, processors, n_ctx, generator=generator,
-                         on_step=lambda: bar.update(rows), stop_id=stop_id)
-        for row in out.tolist():
-            if stop_id is not None:
-                row = cut_at_stop(row, len(prefix_ids), stop_id)
-            generated += 1
-            sampled_tokens += len(row) - len(prefix_ids)
-            info = "=" * 40 + " SAMPLE " + str(generated) + " " + "=" * 40 + "\n"
-            text = ids_to_text(tokenizer, row)
-            print(info)
-            print(text)
-            if samples_file:
-                samples_file.write(info + text + "\n" + "=" * 90 + "\n\n")
+    for prefix in read_prefixes(args.interactive, args.prefix):
+        prefix_ids = encode_prefix(tokenizer, prefix, args.no_wordpiece)
+        missing = missing_characters(tokenizer, prefix)
+        if missing:
+            print(f"warning: these characters of the prefix are not in the vocabulary and become [UNK]: "
+                  f"{''.join(missing)}")
+        if not prefix_ids:
+            raise UserError("--prefix is empty; give some text to continue, e.g. --prefix \"[CLS]悟空大喝一声\"")
+        done = 0
+        while done < args.nsamples:
+            rows = min(batch_size, args.nsamples - done)
+            header = "=" * 40 + " SAMPLE " + str(generated + 1) + " " + "=" * 40 + "\n"
+            if rows == 1:  # one sample in flight: its text appears as it is sampled
+                print(header)
+                stream = TextStream(tokenizer, prefix_ids)
+                print(stream.text, end="", flush=True)
+                on_step = lambda ids: print(stream.push(int(ids[0])), end="", flush=True)  # noqa: E731
+                out = writer.write(prefix_ids, length, 1, processors, seed + generated, args.stop_at_end, on_step)
+                print()
+            else:  # several: each is printed when its batch is done
+                with progress_bar(total=rows * length, unit="tok", desc=f"sampling {rows}", leave=False) as bar:
+                    out = writer.write(prefix_ids, length, rows, processors, seed + generated, args.stop_at_end,
+                                       lambda ids: bar.update(rows))
+            for row in out:
+                generated, done = generated + 1, done + 1
+                sampled_tokens += len(row) - len(prefix_ids)
+                header = "=" * 40 + " SAMPLE " + str(generated) + " " + "=" * 40 + "\n"
+                text = ids_to_text(tokenizer, row)
+                if rows > 1:
+                    print(header)
+                    print(text)
+                if samples_file:
+                    samples_file.write(header + text + "\n" + "=" * 90 + "\n\n")
+                    samples_file.flush()
     print("=" * 80)
     elapsed = time.time() - start
-    shape = f"{generated} samples x {length} tokens" if stop_id is None else \
+    shape = f"{generated} samples x {length} tokens" if not args.stop_at_end else \
         f"{generated} samples ({sampled_tokens:,} tokens, each ending at the end of an article or after {length})"
-    print(f"{shape} in {elapsed:.1f} s ({sampled_tokens / elapsed:,.0f} tokens/s)")
+    print(f"{shape} in {elapsed:.1f} s ({sampled_tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
     if samples_file:
         samples_file.close()
         print(f"saved to {samples_path}")

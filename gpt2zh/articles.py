@@ -68,3 +68,20 @@ def ids_to_text(tokenizer, ids):
         else:
             pieces.append(token)
     return "".join(pieces).replace("##", "").strip()
+
+
+class TextStream:
+    """The text of a growing sequence of ids, handed out in the pieces it gains: for showing a sample as it
+    is sampled. ids_to_text only ever appends as ids are added (it strips the ends, which the next id restores)."""
+
+    def __init__(self, tokenizer, ids=()):
+        self.tokenizer, self.ids = tokenizer, list(ids)
+        self.text = ids_to_text(tokenizer, self.ids)
+
+    def push(self, token_id):
+        """The text `token_id` adds."""
+        self.ids.append(token_id)
+        text = ids_to_text(self.tokenizer, self.ids)
+        added = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text = text
+        return added

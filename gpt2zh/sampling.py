@@ -2,7 +2,10 @@
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .model import ATTENTION
+from .articles import ARTICLE_END
+from .checkpoints import load_model_folder
+from .devices import autocast_dtype
+from .model import ATTENTION, context_length
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -119,8 +122,9 @@ def sample(model, prefix_ids, length, batch_size, processors, n_ctx, greedy=Fals
     Returns a LongTensor [batch_size, len(prefix_ids) + length]. With the cache, each step feeds one
     token; when the cache would pass n_ctx, the last n_ctx // 2 tokens are encoded again and the
     continuation goes on from there (a sliding window). use_cache=False re-encodes the window every
-    step, as the original did: the same tokens, far slower (a test checks they agree). With `stop_id`, sampling
-    ends early once every row has produced it (rows are not cut: see `cut_at_stop`).
+    step, as the original did: the same tokens, far slower (a test checks they agree). `on_step` gets each step's
+    new ids [B] and may raise to end sampling. With `stop_id`, sampling ends early once every row has produced it
+    (rows are not cut: see `cut_at_stop`).
     """
     device = next(model.parameters()).device
     tokens = torch.tensor([prefix_ids] * batch_size, dtype=torch.long, device=device)  # [B, P]
@@ -144,7 +148,7 @@ def sample(model, prefix_ids, length, batch_size, processors, n_ctx, greedy=Fals
             next_ids = draw(torch.softmax(scores, dim=-1), generator)
         tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
         if on_step:
-            on_step()
+            on_step(next_ids)
         if stop_id is not None:
             stopped |= next_ids == stop_id
             if bool(stopped.all()):
@@ -163,3 +167,29 @@ def cut_at_stop(row, prefix_length, stop_id):
         if row[i] == stop_id:
             return row[:i + 1]
     return row
+
+
+class Writer:
+    """A model folder loaded once for continuing prefixes: weights in the precision the hardware suits (packed
+    for oneDNN on CPU), and the ids never to sample: [UNK], [PAD] and the rows a config's vocab_size reserves
+    beyond the vocabulary, which name no token."""
+
+    def __init__(self, model_path, tokenizer_path=None, device=torch.device("cpu"), precision="auto", rows=1):
+        self.model, self.tokenizer = load_model_folder(model_path, tokenizer_path)
+        self.model.to(device, dtype=autocast_dtype(device, precision, fp16=False) or torch.float32).eval()
+        pack_for_cpu_sampling(self.model, rows)
+        self.device, self.n_ctx = device, context_length(self.model.config)
+        self.suppress = [self.tokenizer.unk_token_id, self.tokenizer.pad_token_id,
+                         *range(len(self.tokenizer), self.model.config.vocab_size)]
+
+    def processors(self, temperature, top_k, top_p, repetition_penalty):
+        return make_logits_processors(temperature, top_k, top_p, repetition_penalty, self.suppress)
+
+    def write(self, prefix_ids, length, rows, processors, seed, stop_at_end=False, on_step=None):
+        """`rows` continuations of `prefix_ids`, each a list of ids (cut at the end of an article with
+        stop_at_end)."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        stop_id = self.tokenizer.convert_tokens_to_ids(ARTICLE_END) if stop_at_end else None
+        out = sample(self.model, prefix_ids, length, rows, processors, self.n_ctx, generator=generator,
+                     on_step=on_step, stop_id=stop_id).tolist()
+        return [cut_at_stop(row, len(prefix_ids), stop_id) if stop_at_end else row for row in out]

@@ -1,0 +1,52 @@
+"""A web page to play with a trained model: type a beginning, watch it continue (an optional extra:
+pip install -r requirements-web.txt)."""
+import argparse
+
+from gpt2zh.errors import UserError, run_cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_path", default="model/final_model",
+                   help="the model the page opens with (loaded at start); the drop-down offers every model "
+                        "folder under --models_dir")
+    p.add_argument("--models_dir", default="model", help="where the page looks for model folders")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 makes the page reachable from other machines")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--device", default="0,1,2,3", help="GPU ids (the first existing one is used); CPU without GPUs")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 weights where the hardware has fast bf16")
+    return p.parse_args(argv)
+
+
+def main():
+    args = parse_args()
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("the web page needs Starlette and uvicorn: pip install -r requirements-web.txt") from None
+    from pathlib import Path
+
+    from gpt2zh.devices import pick_device
+    from gpt2zh.model import quiet_transformers
+    from gpt2zh.webapp import create_app, model_folders
+
+    quiet_transformers()
+    models_dir, model = Path(args.models_dir), Path(args.model_path)
+    if not model.resolve().is_relative_to(models_dir.resolve()):
+        models_dir = model.parent
+        print(f"--model_path {model} is not under --models_dir {args.models_dir}: offering the folders in {models_dir}")
+    default = str(model.resolve().relative_to(models_dir.resolve()))
+    if default not in model_folders(models_dir):
+        raise UserError(f"--model_path {model}: not a model folder (no config.json); train one first, e.g. "
+                        f"`bash quickstart.sh`, then --model_path model/quickstart/final_model")
+    device, _ = pick_device(args.device)
+    app = create_app(models_dir, device, args.precision, default)
+    print(f"serving {model} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    run_cli(main)
