@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL's penalty on tokens already present")
     # Additions.
     p.add_argument("--seed", type=int, default=None, help="random seed (printed when not given)")
+    p.add_argument("--sampling_kernel", default="auto",
+                   help="how a sampling step runs on CPU (cache dtype, attention, packed linear layers): auto measures "
+                        "the candidates once on this machine and remembers the fastest; a name forces one")
     p.add_argument("--interactive", action="store_true",
                    help="load the model once, then continue each beginning typed at the prompt (an empty line or "
                         "Ctrl-D ends); --prefix is not used")
@@ -87,7 +90,7 @@ def main():
     quiet_transformers()
     device, _ = pick_device(args.device)
     batch_size = args.batch_size or args.nsamples
-    writer = Writer(args.model_path, args.tokenizer_path, device, args.precision, batch_size)
+    writer = Writer(args.model_path, args.tokenizer_path, device, args.precision, batch_size, args.sampling_kernel)
     tokenizer = writer.tokenizer
     length = writer.n_ctx if args.length == -1 else args.length
     processors = writer.processors(args.temperature, args.topk, args.topp, args.repetition_penalty)

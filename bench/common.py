@@ -52,6 +52,18 @@ def matmul_peak(dtype, size=2048, repeats=5, device="cpu"):
     return 2 * size ** 3 / best
 
 
+def read_bandwidth(gib=1, repeats=5):
+    """Bytes a second that x.sum() reads over `gib` GiB of fp32, best of `repeats`: the memory roofline."""
+    x = torch.ones(gib * 2**28, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
 def machine():
     cpu = "unknown CPU"
     try:

@@ -1,10 +1,14 @@
-"""Generation speed of the seed config (82M) on this CPU: the reference command against an original-style loop.
+"""Generation speed of the seed config (82M) on this CPU, against the machine's memory roofline and an
+original-style loop, all measured in one run.
 
-Reference: 10 samples x 1000 new tokens, one batch, preallocated KV cache (fp32 on CPU), bf16 weights packed
-for oneDNN (what generate.py does).
-Original style: batch 1, no cache (the whole context re-encoded for every token), fp32. Its cost grows
-with the context, so it is timed for --original_tokens tokens starting at a context of 500 (the mean
-over a 1000-token sample) and stated per token. Run from the project root: python bench/generate_speed.py
+- The machine's limits: read bandwidth (x.sum() over 1 GiB fp32) and bf16/fp32 matmul peaks.
+- Each sampling kernel's step time at the reference shape (10 rows, 512 cached tokens), and the one the trial
+  picks (what generate.py uses).
+- The reference command (10 samples x 1000 new tokens, one batch) and one sample of 1000 tokens (a user at a
+  terminal or a web page), each as a fraction of its roofline: the bytes a step must read at least (bf16 weights,
+  the output layer included, + a bf16 cache of the tokens so far), summed over the run, over the bandwidth.
+- Original style: batch 1, no cache, fp32, timed for --original_tokens tokens at a context of 500 and stated per token.
+Run from the project root: python bench/generate_speed.py
 """
 import argparse
 import sys
@@ -16,10 +20,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine  # noqa: E402
+from common import machine, matmul_peak, read_bandwidth  # noqa: E402
 from gpt2zh.devices import bf16_supported  # noqa: E402
-from gpt2zh.model import build_model, load_config  # noqa: E402
-from gpt2zh.sampling import make_logits_processors, pack_for_cpu_sampling, sample  # noqa: E402
+from gpt2zh.model import build_model, count_parameters, load_config  # noqa: E402
+from gpt2zh.sampling import choose_kernel, make_logits_processors, measure_kernels, sample  # noqa: E402
+
+
+def roofline_seconds(model, rows, prefix, length, bandwidth):
+    """Least bytes a run must read (bf16 weights each step, the position table and the embedding lookups aside:
+    the tied output layer reads the token table whole; and a bf16 KV cache of the tokens so far), over the
+    bandwidth."""
+    config = model.config
+    weights = 2 * (count_parameters(model) - config.n_positions * config.n_embd)
+    cache_per_token = 2 * config.n_layer * 2 * config.n_embd  # keys and values, bf16
+    cached = sum(min(prefix + step, config.n_ctx) for step in range(length))
+    return (length * weights + rows * cache_per_token * cached) / bandwidth
+
+
+def timed_run(model, rows, prefix, length, processors, n_ctx):
+    start = time.perf_counter()
+    sample(model, prefix, length, rows, processors, n_ctx)
+    return time.perf_counter() - start
 
 
 def main():
@@ -28,23 +49,35 @@ def main():
     parser.add_argument("--nsamples", type=int, default=10)
     parser.add_argument("--length", type=int, default=1000)
     parser.add_argument("--original_tokens", type=int, default=20)
+    parser.add_argument("--sampling_kernel", default="auto", help="as generate.py's")
     args = parser.parse_args()
     config = load_config(args.model_config)
-    torch.manual_seed(0)
-    model = build_model(config).eval()  # as generate.py loads it: our attention, which takes an fp32 cache
-    processors = make_logits_processors(1.0, 8, 1.0, 1.0, [1, 0])
-    prefix = [2, 100, 200, 300, 400, 500, 600]
     print(f"machine: {machine()}")
+    bandwidth = read_bandwidth()
+    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    print(f"limits: read bandwidth {bandwidth / 1e9:.1f} GB/s; matmul peak bf16 {peaks['bf16'] / 1e12:.3f}, "
+          f"fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s")
 
+    torch.manual_seed(0)
+    model = build_model(config).eval()  # as generate.py loads it
     dtype = torch.bfloat16 if bf16_supported(torch.device("cpu")) else torch.float32
     model.to(dtype)
-    pack_for_cpu_sampling(model, args.nsamples)
-    start = time.perf_counter()
-    sample(model, prefix, args.length, args.nsamples, processors, config.n_ctx)
-    ours = time.perf_counter() - start
-    tokens = args.nsamples * args.length
-    print(f"reference command ({args.nsamples} x {args.length} tokens, batch {args.nsamples}, KV cache, {dtype}): "
-          f"{ours:.1f} s ({tokens / ours:,.0f} tokens/s)")
+    processors = make_logits_processors(1.0, 8, 1.0, 1.0, [1, 0])
+    prefix = [2, 100, 200, 300, 400, 500, 600]
+    timings = measure_kernels(model, args.nsamples, config.n_ctx // 2)
+    print(f"sampling kernels, one step of {args.nsamples} rows over {config.n_ctx // 2} cached tokens: " +
+          ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in timings.items()))
+    for rows, what in ((args.nsamples, "reference command"), (1, "one sample")):
+        trial = build_model(config).eval().to(dtype)
+        trial.load_state_dict(model.state_dict())
+        choose_kernel(trial, rows, config.n_ctx // 2, args.sampling_kernel)
+        seconds = timed_run(trial, rows, prefix, args.length, processors, config.n_ctx)
+        roofline = roofline_seconds(model, rows, len(prefix), args.length, bandwidth)  # packed weights are no Parameters
+        print(f"{what} ({rows} x {args.length} tokens, {dtype}): {seconds:.1f} s "
+              f"({rows * args.length / seconds:,.0f} tokens/s); roofline {roofline:.1f} s -> "
+              f"{100 * roofline / seconds:.0f}% of the bandwidth roofline")
+        if rows == args.nsamples:
+            reference_seconds = seconds
 
     torch.manual_seed(0)
     model = build_model(config).eval()  # the same weights, unpacked and fp32, as the original ran
@@ -52,9 +85,10 @@ def main():
     start = time.perf_counter()
     sample(model, context, args.original_tokens, 1, processors, config.n_ctx, use_cache=False)
     per_token = (time.perf_counter() - start) / args.original_tokens
+    tokens = args.nsamples * args.length
     print(f"original style (batch 1, no cache, fp32, context ~500): {per_token:.3f} s a token "
           f"({1 / per_token:.1f} tokens/s) -> about {per_token * tokens:,.0f} s for the reference command")
-    print(f"speed-up: {per_token * tokens / ours:.0f}x")
+    print(f"speed-up: {per_token * tokens / reference_seconds:.0f}x")
 
 
 if __name__ == "__main__":

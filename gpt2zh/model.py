@@ -150,6 +150,9 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         output = blocked_causal_attention(query, key, value, dropout, scaling)
         return output.transpose(1, 2), None  # [B, T, H, D] as transformers expects
     if query.shape[2] == 1 and attention_mask is None and dropout == 0:  # a sampling step: one token, the whole cache
+        if getattr(module.config, "sampling_attention", "matmul") == "sdpa":  # chosen by gpt2zh.sampling's trial
+            output = F.scaled_dot_product_attention(query.to(key.dtype), key, value, scale=scaling)
+            return output.to(query.dtype).transpose(1, 2), None
         return decode_attention(query, key, value, scaling), None
     if key.dtype != query.dtype:  # a cache kept in fp32 while sampling on CPU: attend in its precision
         output, weights = sdpa_attention_forward(module, query.to(key.dtype), key, value, attention_mask,

@@ -1,4 +1,6 @@
 """Sampling continuations: a batch at a time, KV cache always on, a sliding window past n_ctx."""
+import time
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -78,12 +80,131 @@ def pack_for_cpu_sampling(model, rows):
 
 
 def preallocated_cache(model, capacity):
-    """A cache for `capacity` tokens; fp32 on CPU when the model's attention accepts a cache in another
-    dtype than its queries (ours does)."""
+    """A cache for `capacity` tokens, in the dtype the sampling kernel chose (`choose_kernel`); without a choice,
+    fp32 on CPU when the model's attention accepts a cache in another dtype than its queries (ours does)."""
     device = next(model.parameters()).device
-    fp32 = device.type == "cpu" and model.config._attn_implementation == ATTENTION
+    fp32 = getattr(model.config, "sampling_cache_fp32",
+                   device.type == "cpu" and model.config._attn_implementation == ATTENTION)
     return Cache(layers=[PreallocatedLayer(capacity, torch.float32 if fp32 else None)
                          for _ in range(model.config.n_layer)])
+
+
+# ---- the sampling kernels, chosen by a short trial on the machine at hand ---------------------------------
+# What is fastest differs between CPUs: on an AMD Zen 4 (no AMX) an fp32 cache attended by matmul-softmax-matmul
+# ran 5x faster than SDPA over a bf16 cache; on an Intel Xeon with AMX the bf16 SDPA ran 3x faster.
+
+def kernel_candidates(model):
+    """{name: (fp32 cache, attention, packed linears)} for this model's weights: the cache in fp32 or in the
+    weights' dtype, attended by matmul-softmax-matmul or SDPA, bf16 linear layers packed for oneDNN or not."""
+    weights = next(model.parameters())
+    native = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weights.dtype)  # None: fp32 weights
+    packable = weights.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    candidates = {}
+    for cache in ["fp32"] + ([native] if native else []):
+        for attention in ("matmul", "sdpa"):
+            for packed in ((False, True) if packable else (False,)):
+                candidates[f"{cache}-{attention}" + ("+packed" if packed else "")] = (cache == "fp32", attention, packed)
+    return candidates
+
+
+def apply_kernel(model, kernel, rows):
+    fp32_cache, attention, packed = kernel
+    model.config.sampling_cache_fp32, model.config.sampling_attention = fp32_cache, attention
+    if packed:
+        pack_for_cpu_sampling(model, rows)
+
+
+def time_step(model, rows, keys, steps=5):
+    """Median seconds of one sampling step of `rows` tokens over a cache already holding `keys` tokens."""
+    cache = preallocated_cache(model, keys + steps + 3)
+    ids = torch.full((rows, 1), 5, dtype=torch.long, device=next(model.parameters()).device)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)  # allocates the buffers
+        for layer in cache.layers:  # pretend `keys` tokens came before
+            layer.key_buffer[:, :, :keys].normal_()
+            layer.value_buffer[:, :, :keys].normal_()
+            layer.keys, layer.values = layer.key_buffer[:, :, :keys], layer.value_buffer[:, :, :keys]
+        times = []
+        for _ in range(steps + 2):  # the first two warm the allocator and oneDNN's kernels up
+            start = time.perf_counter()
+            model(input_ids=ids, cache=cache, use_cache=True)
+            times.append(time.perf_counter() - start)
+    return sorted(times[2:])[len(times[2:]) // 2]
+
+
+def measure_kernels(model, rows, keys):
+    """Seconds a step of each candidate kernel, on copies of `model` (packing is one-way)."""
+    import copy
+
+    timings = {}
+    for name, kernel in kernel_candidates(model).items():
+        trial = copy.deepcopy(model)
+        apply_kernel(trial, kernel, rows)
+        timings[name] = time_step(trial, rows, keys)
+    return timings
+
+
+def kernel_choices_file():
+    """Where the measured choices are remembered: one entry per CPU, torch version, model shape and batch."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2zh" / "sampling_kernels.json"
+
+
+def cpu_name():
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None) \
+                or platform.processor()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def choose_kernel(model, rows, keys, forced="auto", say=print):
+    """Apply the sampling kernel named by `forced`, or with "auto" the fastest on this machine: measured once
+    on the model's shapes (`rows` samples, a cache of `keys` tokens) and remembered in kernel_choices_file()."""
+    import json
+
+    from .errors import UserError
+    from .fileio import write_json_atomic
+
+    candidates = kernel_candidates(model)
+    if forced != "auto":
+        if forced not in candidates:
+            raise UserError(f"--sampling_kernel {forced}: not one of this model's: auto, {', '.join(candidates)}")
+        apply_kernel(model, candidates[forced], rows)
+        say(f"sampling kernel: {forced} (as asked)")
+        return forced
+    config, weights = model.config, next(model.parameters())
+    key = (f"{cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+           f"{config.n_layer} layers x {config.n_embd} x {config.n_head} heads, vocab {config.vocab_size}, "
+           f"{weights.dtype} | {rows} rows")
+    path = kernel_choices_file()
+    try:
+        remembered = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        remembered = {}
+    entry = remembered.get(key)
+    if entry is None or entry.get("kernel") not in candidates:
+        timings = measure_kernels(model, rows, keys)
+        entry = {"kernel": min(timings, key=timings.get), "ms_a_step": {k: round(v * 1e3, 2) for k, v in timings.items()},
+                 "cache_keys": keys}
+        remembered[key] = entry
+        try:
+            write_json_atomic(path, remembered)
+        except OSError:
+            pass  # a read-only home: measured again next time
+        how = "measured now"
+    else:
+        how = f"measured before, remembered in {path}"
+    apply_kernel(model, candidates[entry["kernel"]], rows)
+    timings = ", ".join(f"{name} {ms} ms" for name, ms in entry["ms_a_step"].items())
+    say(f"sampling kernel: {entry['kernel']}, the fastest here ({how}: {timings} a step; --sampling_kernel "
+        f"chooses another)")
+    return entry["kernel"]
 
 
 def make_logits_processors(temperature, top_k, top_p, repetition_penalty, suppress_ids):
@@ -174,11 +295,13 @@ class Writer:
     for oneDNN on CPU), and the ids never to sample: [UNK], [PAD] and the rows a config's vocab_size reserves
     beyond the vocabulary, which name no token."""
 
-    def __init__(self, model_path, tokenizer_path=None, device=torch.device("cpu"), precision="auto", rows=1):
+    def __init__(self, model_path, tokenizer_path=None, device=torch.device("cpu"), precision="auto", rows=1,
+                 kernel="auto", say=print):
         self.model, self.tokenizer = load_model_folder(model_path, tokenizer_path)
         self.model.to(device, dtype=autocast_dtype(device, precision, fp16=False) or torch.float32).eval()
-        pack_for_cpu_sampling(self.model, rows)
         self.device, self.n_ctx = device, context_length(self.model.config)
+        if device.type == "cpu":
+            choose_kernel(self.model, rows, self.n_ctx // 2, kernel, say)
         self.suppress = [self.tokenizer.unk_token_id, self.tokenizer.pad_token_id,
                          *range(len(self.tokenizer), self.model.config.vocab_size)]
 

@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus" / "xiyouji.txt"
 TINY_CONFIG = ROOT / "config" / "model_config_tiny.json"
+# The sampling kernels measured during the tests are remembered here, not in the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gpt2zh-test-cache-")
 
 # Our own writing (not from any novel): two chapters, long enough for a few 32-token windows.
 STORY = """第一回 小河边的早晨

@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from conftest import ROOT, TINY_CONFIG
-from gpt2zh.model import build_model, load_config
 from gpt2zh.articles import ids_to_text
+from gpt2zh.model import build_model, load_config
 from gpt2zh.sampling import (PackedLinear, draw, make_logits_processors, pack_for_cpu_sampling,
                              sample)
 from gpt2zh.vocab import load_tokenizer
@@ -74,3 +75,44 @@ def test_draw_follows_the_probabilities_and_never_picks_a_zero():
     share = torch.bincount(ids[:, 0], minlength=4) / 20000
     assert share[1] == 0 and (ids[:, 1] == 3).all()
     torch.testing.assert_close(share, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.015, rtol=0)  # ~4.5 sigma
+
+
+def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path, monkeypatch):
+    """Each candidate the trial can choose (cache dtype x attention x packed linears) continues a sequence with the
+    logits of re-encoding it in fp32: within 1e-4 with fp32 weights, 3% of the logits' range with bf16 ones."""
+    import copy
+
+    from gpt2zh.sampling import apply_kernel, choose_kernel, kernel_candidates, preallocated_cache
+
+    reference_model = tiny_model()
+    sequence = torch.tensor([[4, 100, 200, 300, 400, 500, 600, 700]])
+    with torch.no_grad():
+        reference = reference_model(input_ids=sequence).logits[0, 3:]  # positions 3..7 predict 4..8
+    tried = []
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 0.03)):
+        for name, kernel in kernel_candidates(copy.deepcopy(reference_model).to(dtype)).items():
+            model = copy.deepcopy(reference_model).to(dtype)
+            apply_kernel(model, kernel, rows=1)
+            cache = preallocated_cache(model, 32)
+            with torch.no_grad():
+                logits = [model(input_ids=sequence[:, :4], cache=cache, use_cache=True).logits[0, -1]]
+                for position in range(4, 8):
+                    logits.append(model(input_ids=sequence[:, position:position + 1], cache=cache,
+                                        use_cache=True).logits[0, -1])
+            error = (torch.stack(logits).float() - reference).abs().max() / reference.abs().max()
+            assert error < tolerance, (name, dtype, error.item())
+            tried.append(name)
+    assert {"fp32-matmul", "fp32-sdpa", "bf16-matmul", "bf16-sdpa"} <= set(tried)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    said = []
+    model = copy.deepcopy(reference_model).to(torch.bfloat16)
+    chosen = choose_kernel(model, 2, 16, say=said.append)
+    assert chosen in tried and "measured now" in said[0] and (tmp_path / "gpt2zh" / "sampling_kernels.json").is_file()
+    assert choose_kernel(copy.deepcopy(reference_model).to(torch.bfloat16), 2, 16, say=said.append) == chosen
+    assert "remembered in" in said[1]
+    assert choose_kernel(model, 2, 16, "fp32-sdpa", say=said.append) == "fp32-sdpa"
+    from gpt2zh.errors import UserError
+
+    with pytest.raises(UserError, match="--sampling_kernel fast: not one of this model's: auto, fp32-matmul"):
+        choose_kernel(model, 2, 16, "fast", say=said.append)
