@@ -10,9 +10,9 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoints
+from .articles import encode_articles
 from .console import progress_bar
 from .curves import MetricsLog
-from .articles import encode_articles
 from .devices import autocast_dtype, distributed_rank, pick_device, precision_name
 from .errors import UserError
 from .evaluation import evaluate, summarize
