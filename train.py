@@ -38,7 +38,12 @@ def parse_args(argv=None):
                    help="start from this model folder instead of from zero (ours, the original GPT2-Chinese's or a "
                         "Hugging Face GPT-2): its config and vocabulary are used")
     p.add_argument("--writer_dir", default="tensorboard_summary/", help="TensorBoard log folder")
+    p.add_argument("--bpe_token", action="store_true",
+                   help="BPE tokens instead of characters: with --raw a BPE of --bpe_vocab_size tokens is trained on "
+                        "--raw_data_path and saved as bpe_tokenizer.json in --tokenized_data_path (or give one made by "
+                        "`cache/make_vocab.py --bpe` with --tokenizer_path)")
     # Additions.
+    p.add_argument("--bpe_vocab_size", type=int, default=8000, help="with --bpe_token: tokens of the BPE trained")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware has fast bf16 (CUDA, CPUs with AVX512-BF16/AMX)")
     p.add_argument("--no_attn_dropout", action="store_true",

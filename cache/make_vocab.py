@@ -1,13 +1,14 @@
-"""Build a vocabulary: the default cache/vocab_small.txt, or one from the characters of a train.json."""
+"""Build a vocabulary: the default cache/vocab_small.txt, one from the characters of a train.json, or (--bpe) a
+BPE tokenizer trained on a train.json."""
 import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpt2zh.errors import run_cli  # noqa: E402
+from gpt2zh.errors import UserError, run_cli  # noqa: E402
 from gpt2zh.text import load_articles  # noqa: E402
-from gpt2zh.vocab import DEFAULT_VOCAB_SIZE, build_corpus_vocab, build_default_vocab, write_vocab  # noqa: E402
+from gpt2zh.vocab import DEFAULT_VOCAB_SIZE, build_bpe, build_corpus_vocab, build_default_vocab, write_vocab  # noqa: E402
 
 
 def main():
@@ -17,7 +18,20 @@ def main():
     parser.add_argument("--from_json", default=None,
                         help="build from the characters of this train.json instead (e.g. a novel in traditional characters)")
     parser.add_argument("--min_count", type=int, default=1, help="with --from_json: keep characters seen this often")
+    parser.add_argument("--bpe", action="store_true",
+                        help="with --from_json: train a BPE tokenizer (a .json file for --tokenizer_path) instead")
+    parser.add_argument("--bpe_vocab_size", type=int, default=8000, help="with --bpe: tokens of the BPE")
     args = parser.parse_args()
+    if args.bpe:
+        if not args.from_json or not args.output.endswith(".json"):
+            raise UserError("--bpe: give --from_json data/train.json and an --output ending in .json, e.g. "
+                            "--output cache/bpe_tokenizer.json")
+        tokenizer = build_bpe(load_articles(args.from_json), args.bpe_vocab_size)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(args.output)
+        print(f"wrote a BPE of {tokenizer.get_vocab_size()} tokens -> {args.output}")
+        print(f'set "vocab_size": {tokenizer.get_vocab_size()} (or more) in your model config')
+        return
     if args.from_json:
         tokens = build_corpus_vocab(load_articles(args.from_json), args.min_count)
     else:

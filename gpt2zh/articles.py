@@ -2,6 +2,8 @@
 it, [SEP] is a line break. Text -> ids for training and prefixes, ids -> text for samples."""
 import re
 
+from .vocab import is_bpe
+
 ARTICLE_START, ARTICLE_END, LINE_BREAK = "[MASK]", "[CLS]", "[SEP]"
 MARKERS = re.compile(r"(\[CLS\]|\[SEP\]|\[MASK\])")
 
@@ -53,7 +55,9 @@ def is_word(token):
 
 def ids_to_text(tokenizer, ids):
     """The original's output format: [CLS] a blank line, [SEP] a newline, [MASK] dropped, ## joined,
-    a space kept between English words."""
+    a space kept between English words (BPE tokens: their own spaces)."""
+    if is_bpe(tokenizer):
+        return tokenizer.decode(ids).strip()  # for_gpt2's decoder turns the markers into line breaks
     tokens = tokenizer.convert_ids_to_tokens(ids)
     pieces = []
     for i, token in enumerate(tokens):

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoints
-from .articles import encode_articles
+from .articles import encode_articles, ids_to_text
 from .console import progress_bar
 from .curves import MetricsLog
 from .devices import autocast_dtype, distributed_rank, pick_device, precision_name
@@ -19,14 +19,15 @@ from .evaluation import evaluate, summarize
 from .model import CausalLMLoss, build_model, context_length, count_parameters, load_config
 from .pieces import build_pieces, check_pieces, load_pieces, make_batch, make_windows
 from .text import load_articles
-from .vocab import load_tokenizer
+from .vocab import SPECIAL_TOKENS, build_bpe, is_bpe, load_tokenizer
 
 DEFAULT_VOCAB = "cache/vocab_small.txt"
 ADAM_EPS = 1e-6  # the original's (transformers' old AdamW default); torch's default is 1e-8
 
 # Flags that define the sequence of optimizer steps: a resumed run must use the same ones.
 RUN_SETTINGS = ("model_config", "stride", "batch_size", "gradient_accumulation", "epochs", "num_pieces",
-                "min_length", "lr", "warmup_steps", "lr_schedule", "weight_decay", "seed", "eval_ratio")
+                "min_length", "lr", "warmup_steps", "lr_schedule", "weight_decay", "seed", "eval_ratio", "bpe_token",
+                "bpe_vocab_size")
 
 
 class StopRequest:
@@ -134,12 +135,32 @@ def model_and_vocabulary(args, say):
         say(f"--pretrained_model {args.pretrained_model}: its own config (n_ctx {context_length(config)}, vocab_size "
             f"{config.vocab_size}; --model_config is not used) and {vocab_name} ({len(tokenizer)} tokens)")
         return config, tokenizer, config_name, vocab_name
-    tokenizer_path = args.tokenizer_path or DEFAULT_VOCAB
+    tokenizer_path = args.tokenizer_path or (bpe_tokenizer(args, say) if args.bpe_token else DEFAULT_VOCAB)
     config, tokenizer = load_config(args.model_config), load_tokenizer(tokenizer_path)
+    if args.bpe_token and not is_bpe(tokenizer):
+        raise UserError(f"--bpe_token: --tokenizer_path {tokenizer_path} is not a BPE tokenizer; drop it to train one "
+                        f"on the corpus, or make one with `python cache/make_vocab.py --bpe`")
     if len(tokenizer) > config.vocab_size:
         raise UserError(f"{tokenizer_path} has {len(tokenizer)} tokens but {args.model_config} has vocab_size "
                         f"{config.vocab_size}; set vocab_size to at least {len(tokenizer)} or use a matching vocabulary")
     return config, tokenizer, args.model_config, tokenizer_path
+
+
+def bpe_tokenizer(args, say):
+    """The path of the BPE that --bpe_token trains on the corpus (with --raw) beside the tokenized pieces."""
+    path = Path(args.tokenized_data_path) / "bpe_tokenizer.json"
+    if args.raw:
+        articles = [a for a in load_articles(args.raw_data_path) if len(a) >= args.min_length]
+        if args.bpe_vocab_size < len(SPECIAL_TOKENS) + 1:
+            raise UserError(f"--bpe_vocab_size {args.bpe_vocab_size}: must be larger than the special tokens")
+        tokenizer = build_bpe(articles, args.bpe_vocab_size)  # deterministic: every process builds the same
+        if distributed_rank()[0] == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(str(path))
+        say(f"--bpe_token: trained a BPE of {tokenizer.get_vocab_size():,} tokens on {args.raw_data_path} -> {path}")
+    elif not path.is_file():
+        raise UserError(f"--bpe_token: no BPE tokenizer in {args.tokenized_data_path}; add --raw to train one")
+    return path
 
 
 def training_precision(args, device, say):
@@ -245,7 +266,8 @@ def train(args):
     pieces = load_pieces(args.tokenized_data_path, manifest)
     if args.eval_ratio:
         pieces, eval_ids = split_eval_tail(pieces, args.eval_ratio)
-        eval_chars = len(eval_ids)  # stand-in: a token is a character, [SEP] a newline
+        # stand-in for the articles' characters: a character token is one, [SEP] a newline; BPE tokens decoded
+        eval_chars = len(ids_to_text(tokenizer, eval_ids.tolist())) if is_bpe(tokenizer) else len(eval_ids)
     windows = make_windows(pieces, n_ctx, args.stride)
     corpus_tokens = sum(len(p) for p in pieces)
     if corpus_tokens < n_ctx:

@@ -109,13 +109,43 @@ def for_gpt2(tokenizer, n_ctx=None):
                         f"{' '.join(missing or ['[UNK]'])}; it must be a BERT-style vocabulary")
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
-    backend.decoder = decoders.Sequence([decoders.Replace("[SEP]", "\n"), decoders.Replace("[CLS]", "\n\n"),
-                                         decoders.Replace("[MASK]", ""), decoders.Replace("##", ""),
-                                         decoders.Fuse()])
+    markers = [decoders.Replace("[SEP]", "\n"), decoders.Replace("[CLS]", "\n\n"), decoders.Replace("[MASK]", "")]
+    if is_bpe(backend):  # ours (build_bpe): spaces kept as ▁
+        backend.decoder = decoders.Sequence(markers + [decoders.Metaspace(replacement=SPACE, prepend_scheme="never")])
+    else:
+        backend.decoder = decoders.Sequence(markers + [decoders.Replace("##", ""), decoders.Fuse()])
     limit = {"model_max_length": n_ctx} if n_ctx else {}
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]",
                                    model_input_names=["input_ids", "attention_mask"], **limit)
+
+
+SPACE = "\u2581"  # how a BPE vocabulary writes a space
+
+
+def is_bpe(tokenizer):
+    """Whether a tokenizer (or its tokenizers.Tokenizer backend) has BPE tokens rather than a BERT-style vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    return type(backend.model).__name__ == "BPE"
+
+
+def build_bpe(articles, vocab_size):
+    """A character-level BPE tokenizer trained on `articles` with the `tokenizers` library: every character of the
+    corpus is a token of its own (so nothing it holds becomes [UNK]), merges never cross punctuation or spaces, and
+    the five special tokens of the article format come first."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()  # as the BERT-style vocabularies do
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never"),
+                                                       pre_tokenizers.Punctuation()])
+    tokenizer.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="never")
+    lines = [line for article in articles for line in article.lower().split("\n")]
+    alphabet = sorted({ch for line in lines for ch in line if not ch.isspace()} | set(ASCII_TOKENS) | {SPACE})
+    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size, len(SPECIAL_TOKENS) + len(alphabet)),
+                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False)
+    tokenizer.train_from_iterator(lines, trainer)
+    return tokenizer
 
 
 def folder_tokenizer(folder):
@@ -145,6 +175,13 @@ def load_tokenizer(path):
             raise UserError(f"{path}: a folder with no vocabulary in it (no tokenizer.json or vocab.txt); give the "
                             f"vocabulary file, e.g. --tokenizer_path cache/vocab_small.txt")
         return tokenizer
+    if path.suffix == ".json":  # a tokenizers file, e.g. a BPE made by `cache/make_vocab.py --bpe`
+        from transformers import PreTrainedTokenizerFast
+
+        if not path.is_file():
+            raise UserError(f"{path}: tokenizer file not found; make one with `python cache/make_vocab.py --bpe "
+                            f"--from_json data/train.json --output {path}`")
+        return for_gpt2(PreTrainedTokenizerFast(tokenizer_file=str(path), unk_token="[UNK]"))
     tokens = read_vocab(path)
     # `vocab=` (a dict) is the argument; transformers 5 silently ignores `vocab_file=`.
     return for_gpt2(BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}))
