@@ -50,7 +50,7 @@ def evaluate(model, ids, n_ctx, stride, batch_size, device, dtype, progress=True
                               ignore_index=-100, reduction="sum")
         total_nll += nll.item()
         total_tokens += int((labels[:, 1:] != -100).sum())
-        bar.set_postfix(loss=f"{total_nll / max(total_tokens, 1):.3f}")
+        bar.set_postfix(loss=f"{total_nll / max(total_tokens, 1):.3f}", refresh=False)
         bar.update(len(batch))
         if log_step and (first // batch_size + 1) % log_step == 0:
             bar.write(f"batch {first // batch_size + 1}: {total_tokens:,} tokens, loss {total_nll / total_tokens:.4f}")

@@ -398,7 +398,8 @@ def train(args):
                 window.add(step_loss, tokens)
                 lr = scheduler.get_last_lr()[0]
                 if time.time() - last_postfix >= 1:  # .item() waits for the GPU: once a second, not each step
-                    bar.set_postfix(loss=f"{step_loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{window.tokens_per_s():,.0f}")
+                    bar.set_postfix(loss=f"{step_loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{window.tokens_per_s():,.0f}",
+                                    refresh=False)  # the bar redraws at its own pace (every 30 s into a log file)
                     last_postfix = time.time()
                 bar.update()
                 last_of_epoch = step_in_epoch == steps_per_epoch - 1
