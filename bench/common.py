@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpt2zh.devices import cpu_name  # noqa: E402
 from gpt2zh.model import CausalLMLoss, build_model, count_parameters  # noqa: E402
 
 
@@ -65,13 +66,5 @@ def read_bandwidth(gib=1, repeats=5):
 
 
 def machine():
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    return (f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"{torch.backends.cpu.get_cpu_capability()}, Python {platform.python_version()}")

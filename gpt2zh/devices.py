@@ -1,6 +1,7 @@
 """Which device and precision to run with: --device ids against the GPUs that exist, torchrun's processes,
 and the autocast dtype the hardware supports."""
 import os
+import platform
 
 import torch
 
@@ -80,3 +81,13 @@ def autocast_dtype(device, precision, fp16):
 
 def precision_name(dtype):
     return f"fp32 weights, {str(dtype).removeprefix('torch.')} autocast" if dtype else "fp32"
+
+
+def cpu_name():
+    """The CPU's model name, as lscpu shows it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        name = None
+    return name or platform.processor() or platform.machine()

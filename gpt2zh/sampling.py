@@ -1,12 +1,18 @@
 """Sampling continuations: a batch at a time, KV cache always on, a sliding window past n_ctx."""
+import copy
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .articles import ARTICLE_END
 from .checkpoints import load_model_folder
-from .devices import autocast_dtype
+from .devices import autocast_dtype, cpu_name
+from .errors import UserError
+from .fileio import write_json_atomic
 from .model import ATTENTION, context_length
 
 
@@ -134,8 +140,6 @@ def time_step(model, rows, keys, steps=5):
 
 def measure_kernels(model, rows, keys):
     """Seconds a step of each candidate kernel, on copies of `model` (packing is one-way)."""
-    import copy
-
     timings = {}
     for name, kernel in kernel_candidates(model).items():
         trial = copy.deepcopy(model)
@@ -146,31 +150,12 @@ def measure_kernels(model, rows, keys):
 
 def kernel_choices_file():
     """Where the measured choices are remembered: one entry per CPU, torch version, model shape and batch."""
-    import os
-    from pathlib import Path
-
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2zh" / "sampling_kernels.json"
-
-
-def cpu_name():
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None) \
-                or platform.processor()
-    except OSError:
-        return platform.processor() or platform.machine()
 
 
 def choose_kernel(model, rows, keys, forced="auto", say=print):
     """Apply the sampling kernel named by `forced`, or with "auto" the fastest on this machine: measured once
     on the model's shapes (`rows` samples, a cache of `keys` tokens) and remembered in kernel_choices_file()."""
-    import json
-
-    from .errors import UserError
-    from .fileio import write_json_atomic
-
     candidates = kernel_candidates(model)
     if forced != "auto":
         if forced not in candidates:
@@ -291,8 +276,8 @@ def cut_at_stop(row, prefix_length, stop_id):
 
 
 class Writer:
-    """A model folder loaded once for continuing prefixes: weights in the precision the hardware suits (packed
-    for oneDNN on CPU), and the ids never to sample: [UNK], [PAD] and the rows a config's vocab_size reserves
+    """A model folder loaded once for continuing prefixes: weights in the precision the hardware suits, on CPU
+    the sampling kernel `choose_kernel` picks, and the ids never to sample: [UNK], [PAD] and the rows a config's vocab_size reserves
     beyond the vocabulary, which name no token."""
 
     def __init__(self, model_path, tokenizer_path=None, device=torch.device("cpu"), precision="auto", rows=1,
