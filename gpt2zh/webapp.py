@@ -123,6 +123,9 @@ def continue_beginning(models, settings, emit, cancelled):
         pass
     except UserError as error:
         emit({"error": str(error)})
+    except Exception as error:  # noqa: BLE001 - shown on the page: a stream that just stopped would hang it
+        emit({"error": f"出错了 / failed: {type(error).__name__}: {error}"})
+        raise
     finally:
         models.turn.release()
         emit(None)

@@ -149,3 +149,16 @@ def test_in_a_real_browser(server, trained):
     assert "temperature 0.0" in error
     print(f"first characters {first_text:.2f} s after Go; screenshots in {shots}")
     assert Path(shots / "continuation.png").stat().st_size > 10000
+
+
+def test_a_broken_model_folder_gets_a_message_not_a_hang(server, trained):
+    broken = trained / "model" / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "config.json").write_text((trained / "model" / "final_model" / "config.json").read_text())
+    shutil.copy(trained / "model" / "final_model" / "tokenizer.json", broken)
+    shutil.copy(trained / "model" / "final_model" / "tokenizer_config.json", broken)
+    try:
+        received = list(events(post(server, {**SETTINGS, "model": "broken"})))
+    finally:
+        shutil.rmtree(broken)
+    assert len(received) == 1 and "weights cannot be loaded" in received[0]["error"], received
