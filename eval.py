@@ -23,6 +23,9 @@ def parse_args(argv=None):
     p.add_argument("--num_pieces", type=int, default=100, help="pieces of the tokenized corpus")
     p.add_argument("--min_length", type=int, default=128, help="skip articles shorter than this")
     p.add_argument("--pretrained_model", default="model/final_model", help="the model folder to evaluate")
+    p.add_argument("--segment", action="store_true",
+                   help="the model was trained on words (train.py --segment); taken from its vocabulary anyway, and "
+                        "refused for a character model")
     p.add_argument("--output_dir", default="eval_result/", help="where result.json is written")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 where the hardware has it, as train.py's held-out loss; fp32 for numbers "
@@ -43,11 +46,12 @@ def main():
     from gpt2zh.fileio import write_json_atomic
     from gpt2zh.model import context_length, quiet_transformers
     from gpt2zh.pieces import build_pieces, check_pieces, load_pieces
-    from gpt2zh.vocab import vocab_hash
+    from gpt2zh.vocab import check_segment_flag, vocab_hash
 
     quiet_transformers()
     device, _ = pick_device(args.device)
     model, tokenizer = load_model_folder(args.pretrained_model, args.tokenizer_path, "--pretrained_model")
+    check_segment_flag(tokenizer, args.segment, args.pretrained_model)
     model.to(device)
     n_ctx = context_length(model.config)
     stride = args.stride

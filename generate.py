@@ -28,6 +28,9 @@ def parse_args(argv=None):
                         "Face layout")
     p.add_argument("--prefix", default="萧炎", help="the text to continue ([CLS] starts a new article)")
     p.add_argument("--no_wordpiece", action="store_true", help="tokenize the prefix character by character")
+    p.add_argument("--segment", action="store_true",
+                   help="the model was trained on words (train.py --segment); taken from its vocabulary anyway, and "
+                        "refused for a character model")
     p.add_argument("--fast_pattern", action="store_true", help="accepted for compatibility: the KV cache is always on")
     p.add_argument("--save_samples", action="store_true", help="also write the samples to a file")
     p.add_argument("--save_samples_path", default=".", help="folder for samples.txt")
@@ -86,12 +89,14 @@ def main():
     from gpt2zh.devices import pick_device
     from gpt2zh.model import quiet_transformers
     from gpt2zh.sampling import Writer
+    from gpt2zh.vocab import check_segment_flag
 
     quiet_transformers()
     device, _ = pick_device(args.device)
     batch_size = args.batch_size or args.nsamples
     writer = Writer(args.model_path, args.tokenizer_path, device, args.precision, batch_size, args.sampling_kernel)
     tokenizer = writer.tokenizer
+    check_segment_flag(tokenizer, args.segment, args.model_path)
     length = writer.n_ctx if args.length == -1 else args.length
     processors = writer.processors(args.temperature, args.topk, args.topp, args.repetition_penalty)
     seed = args.seed if args.seed is not None else random.randrange(2**31)

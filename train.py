@@ -42,7 +42,12 @@ def parse_args(argv=None):
                    help="BPE tokens instead of characters: with --raw a BPE of --bpe_vocab_size tokens is trained on "
                         "--raw_data_path and saved as bpe_tokenizer.json in --tokenized_data_path (or give one made by "
                         "`cache/make_vocab.py --bpe` with --tokenizer_path)")
+    p.add_argument("--segment", action="store_true",
+                   help="words instead of characters: with --raw a word vocabulary (every character of the corpus, "
+                        "plus the words rjieba finds at least --segment_min_count times) is built from "
+                        "--raw_data_path and saved as segment_vocab.txt in --tokenized_data_path")
     # Additions.
+    p.add_argument("--segment_min_count", type=int, default=5, help="with --segment: how often a word must occur")
     p.add_argument("--bpe_vocab_size", type=int, default=8000, help="with --bpe_token: tokens of the BPE trained")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware has fast bf16 (CUDA, CPUs with AVX512-BF16/AMX)")

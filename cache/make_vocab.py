@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpt2zh.errors import UserError, run_cli  # noqa: E402
 from gpt2zh.text import load_articles  # noqa: E402
-from gpt2zh.vocab import DEFAULT_VOCAB_SIZE, build_bpe, build_corpus_vocab, build_default_vocab, write_vocab  # noqa: E402
+from gpt2zh.vocab import DEFAULT_VOCAB_SIZE, build_bpe, build_corpus_vocab, build_default_vocab, build_word_vocab, write_vocab  # noqa: E402
 
 
 def main():
@@ -18,6 +18,9 @@ def main():
     parser.add_argument("--from_json", default=None,
                         help="build from the characters of this train.json instead (e.g. a novel in traditional characters)")
     parser.add_argument("--min_count", type=int, default=1, help="with --from_json: keep characters seen this often")
+    parser.add_argument("--segment", action="store_true",
+                        help="with --from_json: a word vocabulary (every character, plus the words rjieba finds at "
+                             "least --min_count times; --min_count 5 is what train.py --segment uses)")
     parser.add_argument("--bpe", action="store_true",
                         help="with --from_json: train a BPE tokenizer (a .json file for --tokenizer_path) instead")
     parser.add_argument("--bpe_vocab_size", type=int, default=8000, help="with --bpe: tokens of the BPE")
@@ -32,7 +35,11 @@ def main():
         print(f"wrote a BPE of {tokenizer.get_vocab_size()} tokens -> {args.output}")
         print(f'set "vocab_size": {tokenizer.get_vocab_size()} (or more) in your model config')
         return
-    if args.from_json:
+    if args.segment:
+        if not args.from_json:
+            raise UserError("--segment: give --from_json data/train.json to find the words in")
+        tokens = build_word_vocab(load_articles(args.from_json), args.min_count)
+    elif args.from_json:
         tokens = build_corpus_vocab(load_articles(args.from_json), args.min_count)
     else:
         tokens = build_default_vocab(args.size)

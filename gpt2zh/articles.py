@@ -2,7 +2,7 @@
 it, [SEP] is a line break. Text -> ids for training and prefixes, ids -> text for samples."""
 import re
 
-from .vocab import is_bpe
+from .vocab import is_bpe, is_segmented, segment
 
 ARTICLE_START, ARTICLE_END, LINE_BREAK = "[MASK]", "[CLS]", "[SEP]"
 MARKERS = re.compile(r"(\[CLS\]|\[SEP\]|\[MASK\])")
@@ -13,10 +13,23 @@ def marker_ids(tokenizer):
     return tuple(tokenizer.convert_tokens_to_ids(t) for t in (ARTICLE_START, ARTICLE_END, LINE_BREAK))
 
 
+def encode_lines(tokenizer, lines):
+    """Token ids of each line (no markers). A word vocabulary's words where the segmenter finds them, the other
+    words as the tokenizer splits them (into characters); otherwise the tokenizer's own tokens."""
+    if not is_segmented(tokenizer):
+        return tokenizer(lines, add_special_tokens=False)["input_ids"] if lines else []
+    vocab = tokenizer.get_vocab()
+    words = [segment(line) for line in lines]
+    unknown = sorted({word for line in words for word in line if word.lower() not in vocab})
+    split = dict(zip(unknown, tokenizer(unknown, add_special_tokens=False)["input_ids"])) if unknown else {}
+    return [[i for word in line for i in ([vocab[word.lower()]] if word.lower() in vocab else split[word])]
+            for line in words]
+
+
 def encode_articles(tokenizer, articles):
     """Token ids of each article as [MASK] text [CLS], each newline as [SEP]. Lines are encoded in one batch."""
     lines = [line for article in articles for line in article.split("\n")]
-    encoded = iter(tokenizer(lines, add_special_tokens=False)["input_ids"])
+    encoded = iter(encode_lines(tokenizer, lines))
     start, end, line_break = marker_ids(tokenizer)
     result = []
     for article in articles:
@@ -33,13 +46,15 @@ def encode_articles(tokenizer, articles):
 def encode_prefix(tokenizer, prefix, no_wordpiece=False):
     """A prefix typed by the user: the markers as written ([CLS] starts a new article, as in the original),
     the rest tokenized (with no_wordpiece, character by character)."""
-    if not no_wordpiece:
-        return tokenizer(prefix, add_special_tokens=False)["input_ids"]
     vocab = tokenizer.get_vocab()
     ids = []
     for part in MARKERS.split(prefix):
-        ids += [vocab[part]] if part in vocab else [vocab.get(c.lower(), tokenizer.unk_token_id)
-                                                     for c in part if not c.isspace()]
+        if part in vocab and MARKERS.fullmatch(part):
+            ids.append(vocab[part])
+        elif no_wordpiece:
+            ids += [vocab.get(c.lower(), tokenizer.unk_token_id) for c in part if not c.isspace()]
+        elif part:
+            ids += encode_lines(tokenizer, [part])[0]
     return ids
 
 

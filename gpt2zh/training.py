@@ -19,7 +19,8 @@ from .evaluation import evaluate, summarize
 from .model import CausalLMLoss, build_model, context_length, count_parameters, load_config
 from .pieces import build_pieces, check_pieces, load_pieces, make_batch, make_windows
 from .text import load_articles
-from .vocab import SPECIAL_TOKENS, build_bpe, is_bpe, load_tokenizer
+from .vocab import (SPECIAL_TOKENS, build_bpe, build_word_vocab, is_bpe, is_hanzi_word, is_segmented, load_tokenizer,
+                    write_vocab)
 
 DEFAULT_VOCAB = "cache/vocab_small.txt"
 ADAM_EPS = 1e-6  # the original's (transformers' old AdamW default); torch's default is 1e-8
@@ -27,7 +28,7 @@ ADAM_EPS = 1e-6  # the original's (transformers' old AdamW default); torch's def
 # Flags that define the sequence of optimizer steps: a resumed run must use the same ones.
 RUN_SETTINGS = ("model_config", "stride", "batch_size", "gradient_accumulation", "epochs", "num_pieces",
                 "min_length", "lr", "warmup_steps", "lr_schedule", "weight_decay", "seed", "eval_ratio", "bpe_token",
-                "bpe_vocab_size")
+                "bpe_vocab_size", "segment", "segment_min_count")
 
 
 class StopRequest:
@@ -135,31 +136,49 @@ def model_and_vocabulary(args, say):
         say(f"--pretrained_model {args.pretrained_model}: its own config (n_ctx {context_length(config)}, vocab_size "
             f"{config.vocab_size}; --model_config is not used) and {vocab_name} ({len(tokenizer)} tokens)")
         return config, tokenizer, config_name, vocab_name
-    tokenizer_path = args.tokenizer_path or (bpe_tokenizer(args, say) if args.bpe_token else DEFAULT_VOCAB)
+    if args.bpe_token and args.segment:
+        raise UserError("--bpe_token and --segment: choose one tokenization")
+    tokenizer_path = args.tokenizer_path or corpus_vocabulary(args, say)
     config, tokenizer = load_config(args.model_config), load_tokenizer(tokenizer_path)
     if args.bpe_token and not is_bpe(tokenizer):
         raise UserError(f"--bpe_token: --tokenizer_path {tokenizer_path} is not a BPE tokenizer; drop it to train one "
                         f"on the corpus, or make one with `python cache/make_vocab.py --bpe`")
+    if args.segment and not is_segmented(tokenizer):
+        raise UserError(f"--segment: --tokenizer_path {tokenizer_path} has no words; drop it to build a word "
+                        f"vocabulary from the corpus, or make one with `python cache/make_vocab.py --segment`")
     if len(tokenizer) > config.vocab_size:
         raise UserError(f"{tokenizer_path} has {len(tokenizer)} tokens but {args.model_config} has vocab_size "
                         f"{config.vocab_size}; set vocab_size to at least {len(tokenizer)} or use a matching vocabulary")
     return config, tokenizer, args.model_config, tokenizer_path
 
 
-def bpe_tokenizer(args, say):
-    """The path of the BPE that --bpe_token trains on the corpus (with --raw) beside the tokenized pieces."""
-    path = Path(args.tokenized_data_path) / "bpe_tokenizer.json"
-    if args.raw:
-        articles = [a for a in load_articles(args.raw_data_path) if len(a) >= args.min_length]
+def corpus_vocabulary(args, say):
+    """The vocabulary file a run uses when --tokenizer_path is not given: cache/vocab_small.txt for characters;
+    for --bpe_token and --segment one built from the corpus (with --raw) and kept beside the tokenized pieces."""
+    if not (args.bpe_token or args.segment):
+        return DEFAULT_VOCAB
+    path = Path(args.tokenized_data_path) / ("bpe_tokenizer.json" if args.bpe_token else "segment_vocab.txt")
+    flag = "--bpe_token" if args.bpe_token else "--segment"
+    if not args.raw:
+        if not path.is_file():
+            raise UserError(f"{flag}: no vocabulary in {args.tokenized_data_path}; add --raw to build one")
+        return path
+    articles = [a for a in load_articles(args.raw_data_path) if len(a) >= args.min_length]
+    # deterministic: every process builds the same; the first one writes it
+    if args.bpe_token:
         if args.bpe_vocab_size < len(SPECIAL_TOKENS) + 1:
             raise UserError(f"--bpe_vocab_size {args.bpe_vocab_size}: must be larger than the special tokens")
-        tokenizer = build_bpe(articles, args.bpe_vocab_size)  # deterministic: every process builds the same
-        if distributed_rank()[0] == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tokenizer.save(str(path))
-        say(f"--bpe_token: trained a BPE of {tokenizer.get_vocab_size():,} tokens on {args.raw_data_path} -> {path}")
-    elif not path.is_file():
-        raise UserError(f"--bpe_token: no BPE tokenizer in {args.tokenized_data_path}; add --raw to train one")
+        tokenizer = build_bpe(articles, args.bpe_vocab_size)
+        save = lambda: tokenizer.save(str(path))  # noqa: E731
+        what = f"a BPE of {tokenizer.get_vocab_size():,} tokens"
+    else:
+        tokens = build_word_vocab(articles, args.segment_min_count)
+        save = lambda: write_vocab(tokens, path)  # noqa: E731
+        what = f"a word vocabulary of {len(tokens):,} tokens ({sum(map(is_hanzi_word, tokens)):,} words)"
+    if distributed_rank()[0] == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save()
+    say(f"{flag}: built {what} from {args.raw_data_path} -> {path}")
     return path
 
 

@@ -31,7 +31,7 @@ def test_text_to_bpe_tokens_and_back():
 def test_train_generate_eval_with_bpe_tokens(prepared):
     out = run("train.py", *train_args(**{"--tokenizer_path": None, "--epochs": 1}), "--bpe_token",
               "--bpe_vocab_size", "400", "--raw", cwd=prepared).stdout
-    size = int(re.search(r"--bpe_token: trained a BPE of (\d+) tokens", out).group(1))  # fewer: the story runs out
+    size = int(re.search(r"--bpe_token: built a BPE of (\d+) tokens", out).group(1))  # fewer: the story runs out
     assert (prepared / "data" / "tokenized" / "bpe_tokenizer.json").is_file()
     from transformers import AutoTokenizer
 
