@@ -64,6 +64,10 @@ def validate(args):
             raise UserError(message)
 
 
+def sample_header(number):
+    return "=" * 40 + " SAMPLE " + str(number) + " " + "=" * 40 + "\n"
+
+
 def read_prefixes(interactive, prefix):
     """--prefix, or with --interactive each line typed until an empty one or the end of input."""
     if not interactive:
@@ -121,9 +125,8 @@ def main():
         done = 0
         while done < args.nsamples:
             rows = min(batch_size, args.nsamples - done)
-            header = "=" * 40 + " SAMPLE " + str(generated + 1) + " " + "=" * 40 + "\n"
             if rows == 1:  # one sample in flight: its text appears as it is sampled
-                print(header)
+                print(sample_header(generated + 1))
                 stream = TextStream(tokenizer, prefix_ids)
                 print(stream.text, end="", flush=True)
                 on_step = lambda ids: print(stream.push(int(ids[0])), end="", flush=True)  # noqa: E731
@@ -136,7 +139,7 @@ def main():
             for row in out:
                 generated, done = generated + 1, done + 1
                 sampled_tokens += len(row) - len(prefix_ids)
-                header = "=" * 40 + " SAMPLE " + str(generated) + " " + "=" * 40 + "\n"
+                header = sample_header(generated)
                 text = ids_to_text(tokenizer, row)
                 if rows > 1:
                     print(header)

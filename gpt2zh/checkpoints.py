@@ -7,7 +7,7 @@ import torch
 from .errors import UserError
 from .fileio import new_tmp_dir, recover_dir, replace_dir_atomic
 from .articles import ARTICLE_END, ARTICLE_START, marker_ids
-from .model import context_length, load_config, load_pretrained, register_attention
+from .model import context_length, load_config, load_pretrained
 from .vocab import folder_tokenizer, load_tokenizer, vocab_tokens
 
 CHECKPOINT = "checkpoint"
@@ -99,19 +99,17 @@ def check_vocabulary(tokenizer, config, model_name, vocab_name, external):
     """Refuse a vocabulary that does not belong to the model. An `external` one (not saved with the model)
     must also have the article markers' ids the model's config records, or, where it records none (the
     original GPT2-Chinese's folders), exactly the model's vocab_size."""
-    problems = []
-    if len(tokenizer) > config.vocab_size:
-        problems.append(f"{len(tokenizer)} tokens for a model of vocab_size {config.vocab_size}")
+    problems, recorded = [], []
     if external:
         start, end, _ = marker_ids(tokenizer)
-        recorded = [(getattr(config, key, None), name, own) for key, name, own in (
-            ("bos_token_id", ARTICLE_START, start), ("eos_token_id", ARTICLE_END, end))]
-        recorded = [(value, name, own) for value, name, own in recorded if value is not None and value < config.vocab_size]
-        problems += [f"{name} is id {own} there but {value} in the model" for value, name, own in recorded if value != own]
-        if not recorded and len(tokenizer) != config.vocab_size:
-            problems.append(f"{len(tokenizer)} tokens for a model of vocab_size {config.vocab_size}")
+        recorded = [(value, name, own) for value, name, own in (
+            (getattr(config, "bos_token_id", None), ARTICLE_START, start),
+            (getattr(config, "eos_token_id", None), ARTICLE_END, end)) if value is not None and value < config.vocab_size]
+        problems = [f"{name} is id {own} there but {value} in the model" for value, name, own in recorded if value != own]
+    if len(tokenizer) > config.vocab_size or (external and not recorded and len(tokenizer) != config.vocab_size):
+        problems.insert(0, f"{len(tokenizer)} tokens for a model of vocab_size {config.vocab_size}")
     if problems:
-        raise UserError(f"{vocab_name} is not the vocabulary of {model_name} ({'; '.join(dict.fromkeys(problems))}); "
+        raise UserError(f"{vocab_name} is not the vocabulary of {model_name} ({'; '.join(problems)}); "
                         f"give the vocabulary the model was trained with")
 
 
@@ -150,5 +148,4 @@ def open_model_folder(model_path, tokenizer_path=None, flag="--model_path"):
 def load_model_folder(model_path, tokenizer_path=None, flag="--model_path"):
     """open_model_folder, and the model with its weights."""
     config, tokenizer = open_model_folder(model_path, tokenizer_path, flag)
-    register_attention()
     return load_pretrained(Path(model_path), config, flag), tokenizer

@@ -52,6 +52,7 @@ def load_pretrained(folder, config, flag):
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging
 
+    register_attention()
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the load report is judged below, in one line
     try:

@@ -47,6 +47,13 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def pretend_filled(self, length):
+        """Random keys and values for the first `length` positions, as if that many tokens came before (for timing
+        a step at a given cache length without encoding a prefix)."""
+        self.key_buffer[:, :, :length].normal_()
+        self.value_buffer[:, :, :length].normal_()
+        self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+
 
 class PackedLinear(torch.nn.Module):
     """A frozen linear layer whose weight oneDNN reorders once for a few rows at a time (what
@@ -126,10 +133,8 @@ def time_step(model, rows, keys, steps=5):
     ids = torch.full((rows, 1), 5, dtype=torch.long, device=next(model.parameters()).device)
     with torch.no_grad():
         model(input_ids=ids, cache=cache, use_cache=True)  # allocates the buffers
-        for layer in cache.layers:  # pretend `keys` tokens came before
-            layer.key_buffer[:, :, :keys].normal_()
-            layer.value_buffer[:, :, :keys].normal_()
-            layer.keys, layer.values = layer.key_buffer[:, :, :keys], layer.value_buffer[:, :, :keys]
+        for layer in cache.layers:
+            layer.pretend_filled(keys)
         times = []
         for _ in range(steps + 2):  # the first two warm the allocator and oneDNN's kernels up
             start = time.perf_counter()
