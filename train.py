@@ -46,6 +46,10 @@ def parse_args(argv=None):
                    help="words instead of characters: with --raw a word vocabulary (every character of the corpus, "
                         "plus the words rjieba finds at least --segment_min_count times) is built from "
                         "--raw_data_path and saved as segment_vocab.txt in --tokenized_data_path")
+    p.add_argument("--encoder_json", default="tokenizations/encoder.json",
+                   help="with --bpe_token: GPT-2's encoder.json (byte-level BPE tokens), read with --vocab_bpe where "
+                        "given or present; without either file a BPE is trained on the corpus")
+    p.add_argument("--vocab_bpe", default="tokenizations/vocab.bpe", help="with --bpe_token: GPT-2's vocab.bpe (merges)")
     # Additions.
     p.add_argument("--segment_min_count", type=int, default=5, help="with --segment: how often a word must occur")
     p.add_argument("--bpe_vocab_size", type=int, default=8000, help="with --bpe_token: tokens of the BPE trained")

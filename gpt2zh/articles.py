@@ -2,7 +2,7 @@
 it, [SEP] is a line break. Text -> ids for training and prefixes, ids -> text for samples."""
 import re
 
-from .vocab import is_bpe, is_segmented, segment
+from .vocab import is_bpe, is_byte_level, is_segmented, segment
 
 ARTICLE_START, ARTICLE_END, LINE_BREAK = "[MASK]", "[CLS]", "[SEP]"
 MARKERS = re.compile(r"(\[CLS\]|\[SEP\]|\[MASK\])")
@@ -51,7 +51,7 @@ def encode_prefix(tokenizer, prefix, no_wordpiece=False):
     for part in MARKERS.split(prefix):
         if part in vocab and MARKERS.fullmatch(part):
             ids.append(vocab[part])
-        elif no_wordpiece:
+        elif no_wordpiece and not is_byte_level(tokenizer):
             ids += [vocab.get(c.lower(), tokenizer.unk_token_id) for c in part if not c.isspace()]
         elif part:
             ids += encode_lines(tokenizer, [part])[0]
@@ -59,7 +59,9 @@ def encode_prefix(tokenizer, prefix, no_wordpiece=False):
 
 
 def missing_characters(tokenizer, prefix):
-    """The characters of `prefix` that the vocabulary lacks (they would become [UNK])."""
+    """The characters of `prefix` that the vocabulary lacks (they would become [UNK]; bytes always encode)."""
+    if is_byte_level(tokenizer):
+        return []
     vocab = tokenizer.get_vocab()
     return sorted({c for c in MARKERS.sub("", prefix) if not c.isspace() and c.lower() not in vocab})
 
@@ -91,16 +93,17 @@ def ids_to_text(tokenizer, ids):
 
 class TextStream:
     """The text of a growing sequence of ids, handed out in the pieces it gains: for showing a sample as it
-    is sampled. ids_to_text only ever appends as ids are added (it strips the ends, which the next id restores)."""
+    is sampled. ids_to_text only ever appends as ids are added (it strips the ends, which the next id restores),
+    except where byte tokens end inside a character: that character's stand-in (U+FFFD) waits for its last byte."""
 
     def __init__(self, tokenizer, ids=()):
         self.tokenizer, self.ids = tokenizer, list(ids)
-        self.text = ids_to_text(tokenizer, self.ids)
+        self.text = ids_to_text(tokenizer, self.ids).rstrip("\ufffd")
 
     def push(self, token_id):
         """The text `token_id` adds."""
         self.ids.append(token_id)
-        text = ids_to_text(self.tokenizer, self.ids)
+        text = ids_to_text(self.tokenizer, self.ids).rstrip("\ufffd")
         added = text[len(self.text):] if text.startswith(self.text) else ""
         self.text = text
         return added

@@ -19,10 +19,11 @@ from .evaluation import evaluate, summarize
 from .model import CausalLMLoss, build_model, context_length, count_parameters, load_config
 from .pieces import build_pieces, check_pieces, load_pieces, make_batch, make_windows
 from .text import load_articles
-from .vocab import (SPECIAL_TOKENS, build_bpe, build_word_vocab, is_bpe, is_hanzi_word, is_segmented, load_tokenizer,
-                    write_vocab)
+from .vocab import (SPECIAL_TOKENS, build_bpe, build_word_vocab, is_bpe, is_hanzi_word, is_segmented, load_gpt2_bpe,
+                    load_tokenizer, write_vocab)
 
 DEFAULT_VOCAB = "cache/vocab_small.txt"
+GPT2_BPE_FILES = ("tokenizations/encoder.json", "tokenizations/vocab.bpe")  # the original's defaults
 ADAM_EPS = 1e-6  # the original's (transformers' old AdamW default); torch's default is 1e-8
 
 # Flags that define the sequence of optimizer steps: a resumed run must use the same ones.
@@ -138,6 +139,8 @@ def model_and_vocabulary(args, say):
         return config, tokenizer, config_name, vocab_name
     if args.bpe_token and args.segment:
         raise UserError("--bpe_token and --segment: choose one tokenization")
+    if gpt2_bpe_files(args, explicit_only=True) and args.tokenizer_path:
+        raise UserError(f"--tokenizer_path {args.tokenizer_path} and --encoder_json/--vocab_bpe: give one vocabulary")
     tokenizer_path = args.tokenizer_path or corpus_vocabulary(args, say)
     config, tokenizer = load_config(args.model_config), load_tokenizer(tokenizer_path)
     if args.bpe_token and not is_bpe(tokenizer):
@@ -152,13 +155,35 @@ def model_and_vocabulary(args, say):
     return config, tokenizer, args.model_config, tokenizer_path
 
 
+def gpt2_bpe_files(args, explicit_only=False):
+    """(encoder.json, vocab.bpe) when the run uses GPT-2's BPE files, as the original's --bpe_token did: when they
+    are given, or (unless explicit_only) when they lie at the original's default paths; else None."""
+    given = (args.encoder_json, args.vocab_bpe) != GPT2_BPE_FILES
+    if given and not args.bpe_token:
+        raise UserError("--encoder_json/--vocab_bpe: GPT-2's BPE files are read only with --bpe_token; add it")
+    present = [Path(f).is_file() for f in GPT2_BPE_FILES]
+    if given or (args.bpe_token and not explicit_only and any(present)):
+        return args.encoder_json, args.vocab_bpe
+    return None
+
+
 def corpus_vocabulary(args, say):
     """The vocabulary file a run uses when --tokenizer_path is not given: cache/vocab_small.txt for characters;
-    for --bpe_token and --segment one built from the corpus (with --raw) and kept beside the tokenized pieces."""
+    for --bpe_token GPT-2's BPE files where there are some, else, as for --segment, one built from the corpus
+    (with --raw); the latter two are kept beside the tokenized pieces."""
     if not (args.bpe_token or args.segment):
         return DEFAULT_VOCAB
     path = Path(args.tokenized_data_path) / ("bpe_tokenizer.json" if args.bpe_token else "segment_vocab.txt")
     flag = "--bpe_token" if args.bpe_token else "--segment"
+    files = gpt2_bpe_files(args)
+    if files:
+        tokenizer = load_gpt2_bpe(*files)
+        if distributed_rank()[0] == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(str(path))
+        say(f"--bpe_token: GPT-2's BPE files {files[0]} and {files[1]} ({tokenizer.get_vocab_size():,} tokens with "
+            f"the 5 special tokens added) -> {path}")
+        return path
     if not args.raw:
         if not path.is_file():
             raise UserError(f"{flag}: no vocabulary in {args.tokenized_data_path}; add --raw to build one")

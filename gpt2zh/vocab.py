@@ -147,7 +147,9 @@ def for_gpt2(tokenizer, n_ctx=None):
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
     markers = [decoders.Replace("[SEP]", "\n"), decoders.Replace("[CLS]", "\n\n"), decoders.Replace("[MASK]", "")]
-    if is_bpe(backend):  # ours (build_bpe): spaces kept as ▁
+    if is_byte_level(backend):  # GPT-2's BPE files: tokens are bytes, written as GPT-2's byte alphabet
+        backend.decoder = decoders.Sequence(markers + [decoders.ByteLevel()])
+    elif is_bpe(backend):  # ours (build_bpe): spaces kept as ▁
         backend.decoder = decoders.Sequence(markers + [decoders.Metaspace(replacement=SPACE, prepend_scheme="never")])
     else:
         backend.decoder = decoders.Sequence(markers + [decoders.Replace("##", ""), decoders.Fuse()])
@@ -166,6 +168,35 @@ def is_bpe(tokenizer):
     """Whether a tokenizer (or its tokenizers.Tokenizer backend) has BPE tokens rather than a BERT-style vocabulary."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     return type(backend.model).__name__ == "BPE"
+
+
+def is_byte_level(tokenizer):
+    """Whether a BPE tokenizer works on bytes (GPT-2's): every text encodes, none of it to [UNK], and one character
+    may take several tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    return type(backend.pre_tokenizer).__name__ == "ByteLevel"
+
+
+def load_gpt2_bpe(encoder_json, vocab_bpe):
+    """GPT-2's byte-level BPE files (encoder.json and vocab.bpe, as OpenAI released them and the original's
+    --bpe_token read them) as a tokenizers.Tokenizer, the article format's five special tokens added after its
+    own tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    for flag, path in (("--encoder_json", encoder_json), ("--vocab_bpe", vocab_bpe)):
+        if not Path(path).is_file():
+            raise UserError(f"{flag} {path}: file not found; give GPT-2's BPE files (encoder.json and vocab.bpe), "
+                            f"or drop --encoder_json and --vocab_bpe to train a BPE on the corpus")
+    try:
+        model = models.BPE.from_file(str(encoder_json), str(vocab_bpe))
+    except Exception as error:  # the library's message names no file
+        raise UserError(f"--encoder_json {encoder_json} --vocab_bpe {vocab_bpe}: not GPT-2 BPE files (a JSON map "
+                        f"of tokens to ids and a list of merges, one pair a line): {error}") from None
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    return tokenizer
 
 
 def build_bpe(articles, vocab_size):

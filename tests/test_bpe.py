@@ -2,7 +2,7 @@
 import json
 import re
 
-from conftest import STORY, run, train_args
+from conftest import STORY, TINY_CONFIG, run, train_args
 from gpt2zh.articles import TextStream, encode_articles, ids_to_text
 from gpt2zh.vocab import build_bpe, for_gpt2, is_bpe
 
@@ -57,3 +57,71 @@ def test_bpe_token_refuses_a_character_vocabulary_and_make_vocab_writes_one(prep
     out = run("train.py", *train_args(**{"--tokenizer_path": "data/bpe.json", "--epochs": 1}), "--bpe_token", "--raw",
               cwd=prepared).stdout
     assert "saved model/final_model" in out
+
+
+def write_gpt2_bpe_files(folder, size=300):
+    """encoder.json and vocab.bpe in GPT-2's format, of a byte-level BPE trained on our story: few merges, so
+    some hanzi take several tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(STORY.split("\n"), trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_json, merges = tokenizer.model.save(str(folder))
+    (folder / "encoder.json").write_bytes(open(vocab_json, "rb").read())
+    (folder / "vocab.bpe").write_bytes(open(merges, "rb").read())
+    return folder / "encoder.json", folder / "vocab.bpe"
+
+
+def test_gpt2_bpe_files_round_trip_and_stream_whole_characters(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from gpt2zh.vocab import is_byte_level, load_gpt2_bpe
+
+    files = write_gpt2_bpe_files(tmp_path)
+    tokenizer = for_gpt2(PreTrainedTokenizerFast(tokenizer_object=load_gpt2_bpe(*files), unk_token="[UNK]"))
+    assert is_bpe(tokenizer) and is_byte_level(tokenizer) and len(tokenizer) == 300 + 5
+    article = "小明每天早上都到河边读书。\n他说 Hello World，龍叫了三声。"  # 龍 and capitals: not in the story
+    ids = encode_articles(tokenizer, [article])[0]
+    assert tokenizer.convert_ids_to_tokens([ids[0], ids[-1]]) == ["[MASK]", "[CLS]"]
+    assert tokenizer.unk_token_id not in ids and ids_to_text(tokenizer, ids) == article
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some characters are split across tokens
+    stream = TextStream(tokenizer, ids[:3])
+    pieces = [stream.text] + [stream.push(i) for i in ids[3:]]
+    assert "".join(pieces) == article and not any("\ufffd" in piece for piece in pieces)
+
+
+def test_train_generate_eval_with_gpt2_bpe_files_at_the_originals_paths(prepared):
+    write_gpt2_bpe_files(prepared / "tokenizations")
+    config = json.loads(TINY_CONFIG.read_text())
+    (prepared / "config" / "bpe.json").write_text(json.dumps({**config, "vocab_size": 305}))
+    out = run("train.py", *train_args(**{"--tokenizer_path": None, "--epochs": 1, "--model_config": "config/bpe.json"}),
+              "--bpe_token", "--raw", cwd=prepared).stdout
+    assert "GPT-2's BPE files tokenizations/encoder.json and tokenizations/vocab.bpe (305 tokens" in out
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(prepared / "model" / "final_model")
+    assert saved.decode(saved("小明读书\n")["input_ids"]) == "小明读书\n"
+    sample = run("generate.py", "--device", "cpu", "--length", "30", "--nsamples", "1", "--prefix", "小明",
+                 "--seed", "0", cwd=prepared).stdout
+    text = re.findall(r"SAMPLE 1 =+\n\n(.*?)\n=+\n", sample, flags=re.S)[0]
+    assert text.startswith("小明") and "Ġ" not in text and "[" not in text
+    (prepared / "data" / "eval.json").write_text(json.dumps([STORY], ensure_ascii=False), encoding="utf-8")
+    run("eval.py", "--pretrained_model", "model/final_model", "--raw_data_path", "data/eval.json", "--raw",
+        "--device", "cpu", "--num_pieces", "1", "--min_length", "10", cwd=prepared)
+    result = json.loads((prepared / "eval_result" / "result.json").read_text())
+    assert result["tokens"] > result["characters"]  # bytes: a hanzi often takes more than one token
+
+
+def test_gpt2_bpe_file_mistakes_are_explained(prepared):
+    encoder, merges = write_gpt2_bpe_files(prepared / "gpt2")
+    cases = [(["--bpe_token", "--encoder_json", "gpt2/missing.json", "--vocab_bpe", merges], "--encoder_json gpt2/missing.json: file not found"),
+             (["--encoder_json", encoder, "--vocab_bpe", merges], "are read only with --bpe_token"),
+             (["--bpe_token", "--encoder_json", merges, "--vocab_bpe", merges], "not GPT-2 BPE files"),
+             (["--bpe_token", "--tokenizer_path", "cache/vocab_small.txt", "--encoder_json", encoder], "give one vocabulary")]
+    for flags, message in cases:
+        result = run("train.py", *train_args(**{"--tokenizer_path": None}), "--raw", *flags, cwd=prepared, check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, flags
