@@ -57,6 +57,9 @@ def parse_args(argv=None):
                    help="auto: bf16 autocast where the hardware has fast bf16 (CUDA, CPUs with AVX512-BF16/AMX)")
     p.add_argument("--no_attn_dropout", action="store_true",
                    help="set attention dropout to 0: about 15%% faster on CPU; see README for the cost in loss")
+    p.add_argument("--attention_kernel", default="auto",
+                   help="CPU attention with dropout: auto (the fastest query block on this machine, measured once and "
+                        "remembered) or blocked-64, blocked-128, blocked-256")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
     p.add_argument("--lr_schedule", choices=["linear", "cosine"], default="linear", help="decay after warm-up")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")

@@ -1,15 +1,18 @@
 """The GPT-2 model: config files, construction, and a CPU attention that keeps dropout affordable."""
 import json
 import re
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import kernel_trials
 from .errors import UserError
 
 ATTENTION = "gpt2zh_blocked"  # registered with transformers below
-QUERY_BLOCK = 128  # measured fastest of 128/256/512 for 12 heads x 1024 tokens in bf16 on CPU
+QUERY_BLOCK = 128  # without a trial (choose_dropout_attention): fastest of 64/128/256 on an AMD Zen 4
+QUERY_BLOCKS = (64, 128, 256)
 
 
 def quiet_transformers():
@@ -110,23 +113,60 @@ class CheapDropout(torch.nn.Module):
         return x * keep * (1 / keep_prob)
 
 
-def blocked_causal_attention(query, key, value, dropout, scale):
-    """Causal attention with dropout on the probabilities, a block of queries at a time.
+def blocked_causal_attention(query, key, value, dropout, scale, block=QUERY_BLOCK):
+    """Causal attention with dropout on the probabilities, `block` queries at a time.
 
-    Skips the masked upper triangle (half the work) and never holds the whole [T, T] score matrix.
+    Skips the masked upper triangle (half the work) and never holds the whole [T, T] score matrix. Every pass
+    over the scores costs about as much as the matmuls on CPU, so there are few: the causal mask and the scale
+    enter the score matmul (baddbmm), softmax reads bf16 and computes in fp32, and dropout's 1/keep_prob
+    scales the [q, D] output instead of the [q, T] probabilities.
     query/key/value: [batch, heads, T, head_dim] -> [batch, heads, T, head_dim].
     """
     length = query.shape[2]
+    q, k, v = (t.flatten(0, 1) for t in (query, key, value))  # [B*H, T, D]
     outputs = []
-    for start in range(0, length, QUERY_BLOCK):
-        end = min(start + QUERY_BLOCK, length)
-        scores = torch.matmul(query[:, :, start:end], key[:, :, :end].transpose(-1, -2)) * scale  # [B, H, q, end]
-        future = torch.ones(end - start, end, dtype=torch.bool, device=query.device).triu(start + 1)
-        scores = scores.masked_fill(future, float("-inf")).to(torch.promote_types(scores.dtype, torch.float32))
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        future = torch.full((end - start, end), float("-inf"), dtype=q.dtype, device=q.device).triu(start + 1)
+        scores = torch.baddbmm(future, q[:, start:end], k[:, :end].transpose(1, 2), alpha=scale)  # [B*H, q, end]
+        probs = torch.softmax(scores, dim=-1)
         keep, keep_prob = dropout_mask(probs.shape, dropout)
-        outputs.append(torch.matmul(probs * keep * (1 / keep_prob), value[:, :, :end]))
-    return torch.cat(outputs, dim=2)
+        outputs.append(torch.bmm(probs * keep, v[:, :end]) * (1 / keep_prob))  # [B*H, q, D]
+    return torch.cat(outputs, dim=1).unflatten(0, query.shape[:2])
+
+
+def dropout_attention_candidates(length):
+    """{name: query block} of the CPU attention-dropout kernels for windows of `length` tokens."""
+    return {f"blocked-{block}": block for block in [b for b in QUERY_BLOCKS if b <= length] or [length]}
+
+
+def time_dropout_attention(shape, dtype, dropout, block, repeats=5):
+    """Median seconds of blocked_causal_attention's forward and backward on random [B, H, T, D] inputs."""
+    query, key, value = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, dtype=dtype)
+    times = []
+    for _ in range(repeats + 2):  # the first two warm the allocator and oneDNN up
+        start = time.perf_counter()
+        blocked_causal_attention(query, key, value, dropout, shape[-1] ** -0.5, block).backward(grad)
+        times.append(time.perf_counter() - start)
+    return sorted(times[2:])[repeats // 2]
+
+
+def choose_dropout_attention(model, batch_size, dtype, forced="auto", say=print):
+    """Set the query block of the CPU attention with dropout: the one `forced` names, or the fastest on this
+    machine for the training shapes, measured once and remembered (kernel_trials)."""
+    config = model.config
+    length, dtype = context_length(config), dtype or torch.float32
+    shape = (batch_size, config.n_head, length, config.n_embd // config.n_head)  # [B, H, T, D]
+    candidates = dropout_attention_candidates(length)
+    measure = lambda: {name: time_dropout_attention(shape, dtype, config.attn_pdrop, block)  # noqa: E731
+                       for name, block in candidates.items()}
+    chosen = kernel_trials.choose("attention-dropout kernel", "--attention_kernel", forced, candidates,
+                                  f"{list(shape)} {dtype}", measure, "forward+backward a layer", say)
+    for module in model.modules():
+        if module.__class__.__name__ == "GPT2Attention":
+            module.query_block = candidates[chosen]
+    return chosen
 
 
 def decode_attention(query, key, value, scale):
@@ -148,7 +188,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if dropout > 0 and query.device.type == "cpu" and attention_mask is None and query.shape[2] == key.shape[2]:
-        output = blocked_causal_attention(query, key, value, dropout, scaling)
+        output = blocked_causal_attention(query, key, value, dropout, scaling, getattr(module, "query_block", QUERY_BLOCK))
         return output.transpose(1, 2), None  # [B, T, H, D] as transformers expects
     if query.shape[2] == 1 and attention_mask is None and dropout == 0:  # a sampling step: one token, the whole cache
         if getattr(module.config, "sampling_attention", "matmul") == "sdpa":  # chosen by gpt2zh.sampling's trial

@@ -1,18 +1,14 @@
 """Sampling continuations: a batch at a time, KV cache always on, a sliding window past n_ctx."""
 import copy
-import json
-import os
 import time
-from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from . import kernel_trials
 from .articles import ARTICLE_END
 from .checkpoints import load_model_folder
-from .devices import autocast_dtype, cpu_name
-from .errors import UserError
-from .fileio import write_json_atomic
+from .devices import autocast_dtype
 from .model import ATTENTION, context_length
 
 
@@ -153,48 +149,17 @@ def measure_kernels(model, rows, keys):
     return timings
 
 
-def kernel_choices_file():
-    """Where the measured choices are remembered: one entry per CPU, torch version, model shape and batch."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2zh" / "sampling_kernels.json"
-
-
 def choose_kernel(model, rows, keys, forced="auto", say=print):
     """Apply the sampling kernel named by `forced`, or with "auto" the fastest on this machine: measured once
-    on the model's shapes (`rows` samples, a cache of `keys` tokens) and remembered in kernel_choices_file()."""
+    on the model's shapes (`rows` samples, a cache of `keys` tokens) and remembered (kernel_trials)."""
     candidates = kernel_candidates(model)
-    if forced != "auto":
-        if forced not in candidates:
-            raise UserError(f"--sampling_kernel {forced}: not one of this model's: auto, {', '.join(candidates)}")
-        apply_kernel(model, candidates[forced], rows)
-        say(f"sampling kernel: {forced} (as asked)")
-        return forced
     config, weights = model.config, next(model.parameters())
-    key = (f"{cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
-           f"{config.n_layer} layers x {config.n_embd} x {config.n_head} heads, vocab {config.vocab_size}, "
-           f"{weights.dtype} | {rows} rows")
-    path = kernel_choices_file()
-    try:
-        remembered = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        remembered = {}
-    entry = remembered.get(key)
-    if entry is None or entry.get("kernel") not in candidates:
-        timings = measure_kernels(model, rows, keys)
-        entry = {"kernel": min(timings, key=timings.get), "ms_a_step": {k: round(v * 1e3, 2) for k, v in timings.items()},
-                 "cache_keys": keys}
-        remembered[key] = entry
-        try:
-            write_json_atomic(path, remembered)
-        except OSError:
-            pass  # a read-only home: measured again next time
-        how = "measured now"
-    else:
-        how = f"measured before, remembered in {path}"
-    apply_kernel(model, candidates[entry["kernel"]], rows)
-    timings = ", ".join(f"{name} {ms} ms" for name, ms in entry["ms_a_step"].items())
-    say(f"sampling kernel: {entry['kernel']}, the fastest here ({how}: {timings} a step; --sampling_kernel "
-        f"chooses another)")
-    return entry["kernel"]
+    shape = (f"{config.n_layer} layers x {config.n_embd} x {config.n_head} heads, vocab {config.vocab_size}, "
+             f"{weights.dtype} | {rows} rows, {keys} cached tokens")
+    chosen = kernel_trials.choose("sampling kernel", "--sampling_kernel", forced, candidates, shape,
+                                  lambda: measure_kernels(model, rows, keys), "a step", say)
+    apply_kernel(model, candidates[chosen], rows)
+    return chosen
 
 
 def make_logits_processors(temperature, top_k, top_p, repetition_penalty, suppress_ids):

@@ -16,7 +16,7 @@ from .curves import MetricsLog
 from .devices import autocast_dtype, distributed_rank, pick_device, precision_name
 from .errors import UserError
 from .evaluation import evaluate, summarize
-from .model import CausalLMLoss, build_model, context_length, count_parameters, load_config
+from .model import CausalLMLoss, build_model, choose_dropout_attention, context_length, count_parameters, load_config
 from .pieces import build_pieces, check_pieces, load_pieces, make_batch, make_windows
 from .text import load_articles
 from .vocab import (SPECIAL_TOKENS, build_bpe, build_word_vocab, is_bpe, is_hanzi_word, is_segmented, load_gpt2_bpe,
@@ -325,6 +325,8 @@ def train(args):
     say(f"number of parameters: {count_parameters(model)}")
     if args.no_attn_dropout and config.attn_pdrop:
         say(f"--no_attn_dropout: attention dropout {config.attn_pdrop} -> 0 (faster on CPU)")
+    elif device.type == "cpu" and model.config.attn_pdrop > 0:
+        choose_dropout_attention(model, args.batch_size, dtype, args.attention_kernel, say)
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, args, device)

@@ -29,21 +29,56 @@ def reference_attention(q, k, v, keep, keep_prob):
     return (torch.softmax(scores, -1) * keep / keep_prob) @ v
 
 
-def test_blocked_attention_is_causal_attention_with_dropout(monkeypatch):
-    import gpt2zh.model as model_module
-
-    monkeypatch.setattr(model_module, "QUERY_BLOCK", 16)
+def test_blocked_attention_is_causal_attention_with_dropout():
     q, k, v = (torch.randn(2, 3, 40, 8, dtype=torch.float64) for _ in range(3))
     torch.manual_seed(0)
-    out = blocked_causal_attention(q, k, v, 0.2, 8 ** -0.5)
+    out = blocked_causal_attention(q, k, v, 0.2, 8 ** -0.5, block=16)
     torch.manual_seed(0)  # redraw the same per-block masks into one full mask
     full = torch.zeros(2, 3, 40, 40, dtype=torch.bool)
     for start in range(0, 40, 16):
         end = min(start + 16, 40)
         full[:, :, start:end, :end], keep_prob = dropout_mask((2, 3, end - start, end), 0.2)
     torch.testing.assert_close(out, reference_attention(q, k, v, full, keep_prob))
-    no_dropout = blocked_causal_attention(q, k, v, 0.0, 8 ** -0.5)
+    no_dropout = blocked_causal_attention(q, k, v, 0.0, 8 ** -0.5, block=16)
     torch.testing.assert_close(no_dropout, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_every_attention_dropout_kernel_agrees_with_the_reference_in_bf16(tmp_path, monkeypatch):
+    """Each query block the trial may choose: bf16 output and gradients within 2% of fp64 with the same mask."""
+    from gpt2zh.model import choose_dropout_attention, dropout_attention_candidates
+
+    batch, heads, length, head_dim = 2, 3, 300, 16
+    inputs = [torch.randn(batch, heads, length, head_dim, dtype=torch.float64) for _ in range(3)]
+    grad = torch.randn(batch, heads, length, head_dim, dtype=torch.float64)
+    candidates = dropout_attention_candidates(length)
+    assert candidates == {"blocked-64": 64, "blocked-128": 128, "blocked-256": 256}
+    for name, block in candidates.items():
+        exact = [t.clone().requires_grad_() for t in inputs]
+        fast = [t.to(torch.bfloat16).requires_grad_() for t in inputs]
+        torch.manual_seed(0)
+        out = blocked_causal_attention(*fast, 0.1, head_dim ** -0.5, block)
+        out.backward(grad.to(torch.bfloat16))
+        torch.manual_seed(0)  # the same masks, drawn block by block, into one [T, T] mask
+        keep = torch.zeros(batch * heads, length, length, dtype=torch.bool)
+        for start in range(0, length, block):
+            end = min(start + block, length)
+            keep[:, start:end, :end], keep_prob = dropout_mask((batch * heads, end - start, end), 0.1)
+        expected = reference_attention(*exact, keep.view(batch, heads, length, length), keep_prob)
+        expected.backward(grad)
+        for got, want in [(out, expected)] + [(f.grad, e.grad) for f, e in zip(fast, exact)]:
+            error = (got.double() - want.detach()).norm() / want.detach().norm()
+            assert error < 0.02, (name, error.item())
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    config = load_config(TINY_CONFIG)
+    config.n_ctx = config.n_positions = 128
+    model, said = build_model(config), []
+    assert choose_dropout_attention(model, 2, torch.bfloat16, say=said.append) in ("blocked-64", "blocked-128")
+    assert "measured now: blocked-64" in said[0] and (tmp_path / "gpt2zh" / "kernel_choices.json").is_file()
+    choose_dropout_attention(model, 2, torch.bfloat16, say=said.append)
+    assert "remembered in" in said[1]
+    choose_dropout_attention(model, 2, torch.bfloat16, "blocked-64", say=said.append)
+    assert {m.query_block for m in model.modules() if hasattr(m, "query_block")} == {64} and "as asked" in said[2]
 
 
 def test_linear_cross_entropy_matches_torch():

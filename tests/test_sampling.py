@@ -108,11 +108,11 @@ def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path,
     said = []
     model = copy.deepcopy(reference_model).to(torch.bfloat16)
     chosen = choose_kernel(model, 2, 16, say=said.append)
-    assert chosen in tried and "measured now" in said[0] and (tmp_path / "gpt2zh" / "sampling_kernels.json").is_file()
+    assert chosen in tried and "measured now" in said[0] and (tmp_path / "gpt2zh" / "kernel_choices.json").is_file()
     assert choose_kernel(copy.deepcopy(reference_model).to(torch.bfloat16), 2, 16, say=said.append) == chosen
     assert "remembered in" in said[1]
     assert choose_kernel(model, 2, 16, "fp32-sdpa", say=said.append) == "fp32-sdpa"
     from gpt2zh.errors import UserError
 
-    with pytest.raises(UserError, match="--sampling_kernel fast: not one of this model's: auto, fp32-matmul"):
+    with pytest.raises(UserError, match="--sampling_kernel fast: not one of: auto, fp32-matmul"):
         choose_kernel(model, 2, 16, "fast", say=said.append)

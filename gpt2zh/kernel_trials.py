@@ -1,0 +1,50 @@
+"""Kernels whose speed differs between machines (an AMD Zen 4 without AMX and an Intel Xeon with AMX rank them
+differently), chosen by a short timed trial on the actual shapes and remembered per machine."""
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .devices import cpu_name
+from .errors import UserError
+from .fileio import write_json_atomic
+
+
+def choices_file():
+    """Where the measured choices are remembered: one entry per kind of kernel, CPU, thread count, torch version
+    and shape."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2zh" / "kernel_choices.json"
+
+
+def choose(what, flag, forced, candidates, shape, measure, unit, say=print):
+    """The candidate `forced` names, or with "auto" the fastest of `candidates` here: `measure()` returns
+    {name: seconds} measured on the shapes `shape` describes, once per machine; later runs read the file."""
+    if forced != "auto":
+        if forced not in candidates:
+            raise UserError(f"{flag} {forced}: not one of: auto, {', '.join(candidates)}")
+        say(f"{what}: {forced} (as asked)")
+        return forced
+    if len(candidates) == 1:
+        return next(iter(candidates))
+    key = f"{what} | {cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {shape}"
+    path = choices_file()
+    try:
+        remembered = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        remembered = {}
+    entry = remembered.get(key)
+    if entry is None or entry.get("choice") not in candidates or set(entry.get("ms", ())) != set(candidates):
+        timings = measure()
+        entry = {"choice": min(timings, key=timings.get), "ms": {k: round(v * 1e3, 2) for k, v in timings.items()}}
+        remembered[key] = entry
+        try:
+            write_json_atomic(path, remembered)
+        except OSError:
+            pass  # a read-only home: measured again next time
+        how = "measured now"
+    else:
+        how = f"measured before, remembered in {path}"
+    timings = ", ".join(f"{name} {ms} ms" for name, ms in entry["ms"].items())
+    say(f"{what}: {entry['choice']}, the fastest here ({how}: {timings} {unit}; {flag} chooses another)")
+    return entry["choice"]
