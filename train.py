@@ -67,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--eval_data_path", default="", help="held-out articles (JSON list) to report loss on")
     p.add_argument("--eval_ratio", type=float, default=0.0, help="or hold out this last fraction of the corpus")
     p.add_argument("--eval_every", type=int, default=0, help="also evaluate every this many steps (0: each epoch)")
+    p.add_argument("--average_from", type=float, default=0.0,
+                   help="average the weights after every step from this fraction of the run on (e.g. 0.4; 0: off): "
+                        "final_model/ holds the average, model_epoch{N}/ the weights of that moment; the average's "
+                        "held-out loss is reported too")
     p.add_argument("--keep_best", action="store_true", help="save the best held-out model to best_model/")
     p.add_argument("--save_every", type=int, default=1000, help="save a resumable checkpoint every this many steps")
     p.add_argument("--save_minutes", type=float, default=10, help="... and at least this often (minutes)")

@@ -65,11 +65,13 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, scaler, position, run_settings):
-    """The resumable checkpoint: model folder + optimizer, scheduler, scaler, RNG states and position."""
+def save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, scaler, position, run_settings, average=None):
+    """The resumable checkpoint: model folder + optimizer, scheduler, scaler, RNG states, position and the
+    running weight average (training.WeightAverage) if there is one."""
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states(),
-             "position": position, "settings": run_settings}
+             "position": position, "settings": run_settings,
+             "average": average.state_dict() if average is not None else None}
     save_model_folder(model, tokenizer, Path(output_dir) / CHECKPOINT,
                       extra={STATE_FILE: lambda path: torch.save(state, path)})
 

@@ -1,4 +1,5 @@
 """The training loop: pieces -> shuffled windows -> AdamW steps, with checkpoints that survive anything."""
+import copy
 import math
 import shutil
 import signal
@@ -29,7 +30,7 @@ ADAM_EPS = 1e-6  # the original's (transformers' old AdamW default); torch's def
 # Flags that define the sequence of optimizer steps: a resumed run must use the same ones.
 RUN_SETTINGS = ("model_config", "stride", "batch_size", "gradient_accumulation", "epochs", "num_pieces",
                 "min_length", "lr", "warmup_steps", "lr_schedule", "weight_decay", "seed", "eval_ratio", "bpe_token",
-                "bpe_vocab_size", "segment", "segment_min_count")
+                "bpe_vocab_size", "segment", "segment_min_count", "average_from")
 
 
 class StopRequest:
@@ -64,12 +65,34 @@ def validate(args, n_ctx, config_name):
               (args.gradient_accumulation < 1, f"--gradient_accumulation {args.gradient_accumulation}: must be at least 1"),
               (args.lr <= 0, f"--lr {args.lr}: must be positive"),
               (not 0 <= args.eval_ratio < 1, f"--eval_ratio {args.eval_ratio}: must be in [0, 1)"),
+              (not 0 <= args.average_from < 1, f"--average_from {args.average_from}: must be in [0, 1) (0: off)"),
               (args.resume and args.overwrite, "--resume and --overwrite contradict each other; choose one"),
               (args.eval_ratio and args.eval_data_path, "--eval_ratio and --eval_data_path both name a held-out set; "
                                                         "choose one")]
     for failed, message in checks:
         if failed:
             raise UserError(message)
+
+
+class WeightAverage:
+    """A running uniform average of a model's weights from some step on (stochastic weight averaging), kept in
+    fp32 in a copy of the model that can be evaluated and saved. Updated without reading anything back from the
+    GPU (torch's AveragedModel checks its count on the device every step)."""
+
+    def __init__(self, lm):
+        self.model = copy.deepcopy(lm).requires_grad_(False)
+        self.count = 0
+
+    def update(self, lm):
+        self.count += 1
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in lm.parameters()], 1 / self.count)
+
+    def state_dict(self):
+        return {"count": self.count, "weights": self.model.state_dict()}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+        self.model.load_state_dict(state["weights"])
 
 
 def split_eval_tail(pieces, ratio):
@@ -336,6 +359,8 @@ def train(args):
     scheduler = make_scheduler(optimizer, args, total_steps)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+    average = WeightAverage(model) if args.average_from else None
+    average_after = round(args.average_from * total_steps)  # the average takes the weights after later steps
 
     if main_process and previous and args.overwrite:  # only now that every input has been checked
         say(f"--overwrite: deleting the previous run in {output_dir} ({', '.join(previous)})")
@@ -356,6 +381,8 @@ def train(args):
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         checkpoints.set_rng_states(state["rng"])
+        if average is not None and state.get("average"):
+            average.load_state_dict(state["average"])
         epoch, global_step = state["position"]["epoch"], state["position"]["global_step"]
         best_eval = state["position"].get("best_eval", math.inf)
         if metrics:
@@ -380,16 +407,19 @@ def train(args):
     def save(position, reason):
         if main_process:
             checkpoints.save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, scaler,
-                                        position, settings)
+                                        position, settings, average)
             tqdm.write(f"saved a resumable checkpoint to {output_dir / checkpoints.CHECKPOINT} ({reason})")
 
-    def run_eval(step):
-        total_nll, total_tokens = evaluate(checkpoints.unwrap(model), eval_ids, n_ctx, max(1, n_ctx // 2),
+    def run_eval(step, lm=None, name="eval"):
+        total_nll, total_tokens = evaluate(lm or checkpoints.unwrap(model), eval_ids, n_ctx, max(1, n_ctx // 2),
                                            args.batch_size, device, dtype, progress=main_process)
         result = summarize(total_nll, total_tokens, eval_chars)
         if metrics:
-            metrics.log(step, eval_loss=result["loss"], eval_loss_per_char=result["loss_per_char"])
+            metrics.log(step, **{f"{name}_loss": result["loss"], f"{name}_loss_per_char": result["loss_per_char"]})
         return result
+
+    def averaged_since():
+        return f"the average of the weights after steps {average_after + 1}-{average_after + average.count}"
 
     def finish_epoch(epoch, global_step, best_eval):
         """Held-out loss, best_model/, model_epoch{N}/ and the checkpoint after `epoch` (counted from 1);
@@ -398,10 +428,18 @@ def train(args):
             result = run_eval(global_step)
             say(f"epoch {epoch}: held-out loss {result['loss']:.4f} ({result['perplexity']:.1f} perplexity), "
                 f"{result['loss_per_char']:.4f} nats per character")
-            if args.keep_best and result["loss"] < best_eval and main_process:
-                best_eval = result["loss"]
-                checkpoints.save_model_folder(model, tokenizer, output_dir / "best_model")
-                say(f"saved {output_dir / 'best_model'} (best held-out loss so far)")
+            candidates = [(result["loss"], model)]
+            if average is not None and average.count:
+                averaged = run_eval(global_step, average.model, "eval_average")
+                say(f"epoch {epoch}: held-out loss {averaged['loss']:.4f} ({averaged['loss_per_char']:.4f} nats per "
+                    f"character) of {averaged_since()}")
+                candidates.append((averaged["loss"], average.model))
+            loss, best = min(candidates, key=lambda candidate: candidate[0])
+            if args.keep_best and loss < best_eval and main_process:
+                best_eval = loss
+                checkpoints.save_model_folder(best, tokenizer, output_dir / "best_model")
+                say(f"saved {output_dir / 'best_model'} (best held-out loss so far"
+                    f"{', the averaged weights' if best is not model else ''})")
         if main_process:
             checkpoints.save_model_folder(model, tokenizer, output_dir / f"model_epoch{epoch}")
             say(f"saved {output_dir / f'model_epoch{epoch}'}")
@@ -441,6 +479,8 @@ def train(args):
                                         f"--gradient_accumulation {args.gradient_accumulation * 2})") from None
                     raise
                 global_step += 1
+                if average is not None and global_step > average_after:
+                    average.update(checkpoints.unwrap(model))
                 window.add(step_loss, tokens)
                 lr = scheduler.get_last_lr()[0]
                 if time.time() - last_postfix >= 1:  # .item() waits for the GPU: once a second, not each step
@@ -479,10 +519,12 @@ def train(args):
                 say(f"stopped after epoch {epoch}; continue with the same command plus --resume")
                 return 130
         if main_process:
-            checkpoints.save_model_folder(model, tokenizer, output_dir / "final_model")
+            final = average.model if average is not None and average.count else model
+            checkpoints.save_model_folder(final, tokenizer, output_dir / "final_model")
             plot = metrics.plot()
-            say(f"saved {output_dir / 'final_model'}" + (f"; loss curve in {plot}" if plot else
-                                                          " (install matplotlib for a loss-curve PNG)"))
+            say(f"saved {output_dir / 'final_model'}" + (f" ({averaged_since()}; model_epoch{epoch} holds the last "
+                                                          f"weights)" if final is not model else "")
+                + (f"; loss curve in {plot}" if plot else " (install matplotlib for a loss-curve PNG)"))
     finally:
         stop.restore()
         if metrics:

@@ -1,9 +1,12 @@
 import json
+import re
 import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from conftest import TINY_CONFIG, run, train_args
+from conftest import STORY, TINY_CONFIG, run, train_args
 
 
 def test_pipeline_trains_and_saves_loadable_folders(trained):
@@ -125,3 +128,37 @@ def test_reference_commands_run_as_written(tmp_path):
               "--save_samples", "--save_samples_path", "./mnt/", cwd=tmp_path).stdout
     assert "10 samples x 1000 tokens" in out
     assert (tmp_path / "mnt" / "samples.txt").read_text(encoding="utf-8").count(" SAMPLE ") == 10
+
+
+def test_weight_average_is_the_mean_of_the_weights_it_saw():
+    from gpt2zh.training import WeightAverage
+
+    models = [torch.nn.Linear(3, 2) for _ in range(3)]
+    average = WeightAverage(models[0])
+    for model in models:
+        average.update(model)
+    for name, value in average.model.named_parameters():
+        expected = sum(dict(m.named_parameters())[name] for m in models) / 3
+        torch.testing.assert_close(value, expected)
+        assert not value.requires_grad
+
+
+def test_average_from_saves_and_reports_the_averaged_weights(prepared):
+    (prepared / "data" / "eval.json").write_text(json.dumps([STORY], ensure_ascii=False), encoding="utf-8")
+    out = run("train.py", *train_args(**{"--batch_size": 2}), "--raw", "--average_from", "0.5", "--keep_best",
+              "--eval_data_path", "data/eval.json", cwd=prepared).stdout
+    reported = re.findall(r"epoch 2: held-out loss ([\d.]+) \(([\d.]+) nats per character\) of the average of the "
+                          r"weights after steps (\d+)-(\d+)", out)
+    assert len(reported) == 1 and "epoch 1: held-out loss" in out, out
+    loss, _, first, last = reported[0]
+    assert int(first) > 1 and f"steps {first}-{last}; model_epoch2 holds the last weights" in out
+    final = load_file(prepared / "model" / "final_model" / "model.safetensors")
+    last_weights = load_file(prepared / "model" / "model_epoch2" / "model.safetensors")
+    assert any(not torch.equal(final[name], last_weights[name]) for name in final)
+    run("eval.py", "--pretrained_model", "model/final_model", "--raw_data_path", "data/eval.json", "--raw",
+        "--device", "cpu", "--num_pieces", "1", "--min_length", "10", "--stride", "16", "--precision", "fp32",
+        cwd=prepared)
+    result = json.loads((prepared / "eval_result" / "result.json").read_text())
+    assert abs(result["loss"] - float(loss)) < 1e-3
+    result = run("train.py", *train_args(), "--average_from", "1", "--overwrite", cwd=prepared, check=False)
+    assert result.returncode == 2 and "--average_from 1.0: must be in [0, 1)" in result.stderr
