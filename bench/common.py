@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpt2zh.devices import cpu_name  # noqa: E402
-from gpt2zh.model import CausalLMLoss, build_model, count_parameters  # noqa: E402
+from gpt2zh.model import CausalLMLoss, build_model, choose_dropout_attention, count_parameters  # noqa: E402
 
 
 def flops_per_token(model):
@@ -21,10 +21,13 @@ def flops_per_token(model):
     return 6 * params + 12 * config.n_layer * config.n_embd * config.n_ctx
 
 
-def our_recipe(config, attn_dropout, compile_model, device=torch.device("cpu")):
-    """What train.py does: bf16 autocast, blocked attention with cheap dropout (CPU), fused loss, fused AdamW,
-    gradient clipping. Returns the model and a function doing one optimizer step on a batch of token ids."""
+def our_recipe(config, attn_dropout, compile_model, device=torch.device("cpu"), batch_size=1):
+    """What train.py does: bf16 autocast, blocked attention with cheap dropout (CPU; its query block chosen by
+    train.py's trial), fused loss, fused AdamW, gradient clipping. Returns the model and a function doing one
+    optimizer step on a batch of token ids."""
     model = build_model(config, attn_dropout=attn_dropout).to(device).train()
+    if attn_dropout and device.type == "cpu":
+        choose_dropout_attention(model, batch_size, torch.bfloat16)
     loss_fn = CausalLMLoss(model, torch.bfloat16)
     if compile_model:
         loss_fn = torch.compile(loss_fn)

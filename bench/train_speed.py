@@ -56,11 +56,13 @@ def main():
     print(f"machine: {machine()}")
     print(f"matmul peak (2048^3): fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s")
     batch = torch.randint(5, config.vocab_size, (args.batch_size, n_ctx))
+    ours = lambda attn_dropout, compile_model: our_recipe(config, attn_dropout, compile_model,  # noqa: E731
+                                                          batch_size=args.batch_size)
     variants = [("original recipe (fp32, eager attention, dropout 0.1)", "fp32", lambda: original_recipe(config)),
-                ("ours, all dropouts 0.1 (train.py default)", "bf16", lambda: our_recipe(config, True, False)),
-                ("ours, --no_attn_dropout", "bf16", lambda: our_recipe(config, False, False))]
+                ("ours, all dropouts 0.1 (train.py default)", "bf16", lambda: ours(True, False)),
+                ("ours, --no_attn_dropout", "bf16", lambda: ours(False, False))]
     if args.compile:
-        variants.append(("ours, all dropouts 0.1, torch.compile", "bf16", lambda: our_recipe(config, True, True)))
+        variants.append(("ours, all dropouts 0.1, torch.compile", "bf16", lambda: ours(True, True)))
     baseline = None
     print(f"\n{args.model_config}, batch {args.batch_size} x {n_ctx}, {args.steps} timed steps each")
     print(f"{'variant':<58} {'tokens/s':>9} {'vs original':>12} {'MFU':>7}")
