@@ -81,11 +81,12 @@ class WeightAverage:
 
     def __init__(self, lm):
         self.model = copy.deepcopy(lm).requires_grad_(False)
+        self.averaged = list(self.model.parameters())  # the same tensors for the whole run (loading copies into them)
         self.count = 0
 
     def update(self, lm):
         self.count += 1
-        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in lm.parameters()], 1 / self.count)
+        torch._foreach_lerp_(self.averaged, [p.detach() for p in lm.parameters()], 1 / self.count)
 
     def state_dict(self):
         return {"count": self.count, "weights": self.model.state_dict()}
