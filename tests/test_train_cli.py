@@ -143,6 +143,23 @@ def test_weight_average_is_the_mean_of_the_weights_it_saw():
         assert not value.requires_grad
 
 
+def test_weight_average_reaches_the_model_inside_the_wrappers_train_py_uses():
+    """The average follows the weights train.py trains behind DataParallel (--device 0,1) and CausalLMLoss, and its
+    output layer stays tied to the token table (as saved folders need)."""
+    from gpt2zh.checkpoints import unwrap
+    from gpt2zh.model import CausalLMLoss, build_model, load_config
+    from gpt2zh.training import WeightAverage
+
+    lm = build_model(load_config(TINY_CONFIG))
+    wrapped = torch.nn.DataParallel(CausalLMLoss(lm, torch.float16))
+    average = WeightAverage(lm)
+    with torch.no_grad():
+        lm.transformer.wte.weight.add_(1.0)
+    average.update(unwrap(wrapped))
+    torch.testing.assert_close(average.model.transformer.wte.weight, lm.transformer.wte.weight)
+    assert average.model.lm_head.weight is average.model.transformer.wte.weight  # still tied when saved
+
+
 def test_average_from_saves_and_reports_the_averaged_weights(prepared):
     (prepared / "data" / "eval.json").write_text(json.dumps([STORY], ensure_ascii=False), encoding="utf-8")
     out = run("train.py", *train_args(**{"--batch_size": 2}), "--raw", "--average_from", "0.5", "--keep_best",
