@@ -2,11 +2,12 @@
 original-style loop, all measured in one run.
 
 - The machine's limits: read bandwidth (x.sum() over 1 GiB fp32) and bf16/fp32 matmul peaks.
-- Each sampling kernel's step time at the reference shape (10 rows, 512 cached tokens), and the one the trial
-  picks (what generate.py uses).
+- The sampling kernels' step times at each run's shape (10 rows or 1, 512 cached tokens), measured now as
+  generate.py's trial measures them, and the fastest (what generate.py picks) used for the run.
 - The reference command (10 samples x 1000 new tokens, one batch) and one sample of 1000 tokens (a user at a
-  terminal or a web page), each as a fraction of its roofline: the bytes a step must read at least (bf16 weights,
-  the output layer included, + a bf16 cache of the tokens so far), summed over the run, over the bandwidth.
+  terminal or a web page), each the fastest of --repeats runs, as a fraction of its roofline: the bytes a step
+  must read at least (bf16 weights, the output layer included, + a bf16 cache of the tokens so far), summed over
+  the run, over the bandwidth. The kernel's set-up (compiling) happens in the trial, before the runs.
 - Original style: batch 1, no cache, fp32, timed for --original_tokens tokens at a context of 500 and stated per token.
 Run from the project root: python bench/generate_speed.py
 """
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, matmul_peak, read_bandwidth  # noqa: E402
 from gpt2zh.devices import bf16_supported  # noqa: E402
 from gpt2zh.model import build_model, count_parameters, load_config  # noqa: E402
-from gpt2zh.sampling import choose_kernel, make_logits_processors, measure_kernels, sample  # noqa: E402
+from gpt2zh.sampling import DecodeStep, kernel_candidates, make_logits_processors, measure_kernels, sample  # noqa: E402
 
 
 def roofline_seconds(model, rows, prefix, length, bandwidth):
@@ -37,9 +38,9 @@ def roofline_seconds(model, rows, prefix, length, bandwidth):
     return (length * weights + rows * cache_per_token * cached) / bandwidth
 
 
-def timed_run(model, rows, prefix, length, processors, n_ctx):
+def timed_run(model, step, rows, prefix, length, processors, n_ctx):
     start = time.perf_counter()
-    sample(model, prefix, length, rows, processors, n_ctx)
+    sample(model, prefix, length, rows, processors, n_ctx, step=step)
     return time.perf_counter() - start
 
 
@@ -50,6 +51,8 @@ def main():
     parser.add_argument("--length", type=int, default=1000)
     parser.add_argument("--original_tokens", type=int, default=20)
     parser.add_argument("--sampling_kernel", default="auto", help="as generate.py's")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each command, the fastest reported (as the bandwidth is the best of 5 reads)")
     args = parser.parse_args()
     config = load_config(args.model_config)
     print(f"machine: {machine()}")
@@ -64,16 +67,18 @@ def main():
     model.to(dtype)
     processors = make_logits_processors(1.0, 8, 1.0, 1.0, [1, 0])
     prefix = [2, 100, 200, 300, 400, 500, 600]
-    timings = measure_kernels(model, args.nsamples, config.n_ctx // 2)
-    print(f"sampling kernels, one step of {args.nsamples} rows over {config.n_ctx // 2} cached tokens: " +
-          ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in timings.items()))
     for rows, what in ((args.nsamples, "reference command"), (1, "one sample")):
-        trial = build_model(config).eval().to(dtype)
-        trial.load_state_dict(model.state_dict())
-        choose_kernel(trial, rows, config.n_ctx // 2, args.sampling_kernel)
-        seconds = timed_run(trial, rows, prefix, args.length, processors, config.n_ctx)
-        roofline = roofline_seconds(model, rows, len(prefix), args.length, bandwidth)  # packed weights are no Parameters
-        print(f"{what} ({rows} x {args.length} tokens, {dtype}): {seconds:.1f} s "
+        timings = measure_kernels(model, rows, config.n_ctx // 2, config.n_ctx)  # measured now, not remembered
+        chosen = min(timings, key=timings.get) if args.sampling_kernel == "auto" else args.sampling_kernel
+        print(f"sampling kernels, a step of {rows} rows over {config.n_ctx // 2} cached tokens (set-up spread over "
+              f"{config.n_ctx} steps): " + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in timings.items())
+              + f" -> {chosen}")
+        step = DecodeStep(model, kernel_candidates(model)[chosen], rows)
+        runs = [timed_run(model, step, rows, prefix, args.length, processors, config.n_ctx) for _ in range(args.repeats)]
+        seconds = min(runs)
+        roofline = roofline_seconds(model, rows, len(prefix), args.length, bandwidth)
+        print(f"{what} ({rows} x {args.length} tokens, {dtype}), best of {', '.join(f'{r:.1f}' for r in runs)} s: "
+              f"{seconds:.1f} s "
               f"({rows * args.length / seconds:,.0f} tokens/s); roofline {roofline:.1f} s -> "
               f"{100 * roofline / seconds:.0f}% of the bandwidth roofline")
         if rows == args.nsamples:

@@ -19,7 +19,8 @@ def choices_file():
 
 def choose(what, flag, forced, candidates, shape, measure, unit, say=print):
     """The candidate `forced` names, or with "auto" the fastest of `candidates` here: `measure()` returns
-    {name: seconds} measured on the shapes `shape` describes, once per machine; later runs read the file."""
+    {name: seconds} for the candidates it timed (all, or those a search reached) on the shapes `shape` describes,
+    once per machine; later runs read the file, and measure again when the candidates changed."""
     if forced != "auto":
         if forced not in candidates:
             raise UserError(f"{flag} {forced}: not one of: auto, {', '.join(candidates)}")
@@ -34,9 +35,10 @@ def choose(what, flag, forced, candidates, shape, measure, unit, say=print):
     except (OSError, ValueError):
         remembered = {}
     entry = remembered.get(key)
-    if entry is None or entry.get("choice") not in candidates or set(entry.get("ms", ())) != set(candidates):
+    if entry is None or entry.get("candidates") != sorted(candidates):
         timings = measure()
-        entry = {"choice": min(timings, key=timings.get), "ms": {k: round(v * 1e3, 2) for k, v in timings.items()}}
+        entry = {"choice": min(timings, key=timings.get), "ms": {k: round(v * 1e3, 2) for k, v in timings.items()},
+                 "candidates": sorted(candidates)}
         remembered[key] = entry
         try:
             write_json_atomic(path, remembered)

@@ -169,32 +169,15 @@ def choose_dropout_attention(model, batch_size, dtype, forced="auto", say=print)
     return chosen
 
 
-def decode_attention(query, key, value, scale):
-    """Attention of one query position over a KV cache, in the cache's dtype (fp32 on CPU).
-
-    A plain matmul-softmax-matmul: SDPA's cuDNN backend, its choice on Hopper GPUs, builds a new plan for
-    every new key length, which cost about 40 ms a sampling step on an H200. The scores are computed as
-    key @ query^T, a matrix-vector product over contiguous key rows: 5-15% faster on CPU than query @ key^T.
-    query: [B, H, 1, D], key/value: [B, H, L, D] -> [B, 1, H, D] as transformers expects.
-    """
-    scores = torch.matmul(key, query.to(key.dtype).transpose(-1, -2)).transpose(-1, -2) * scale  # [B, H, 1, L]
-    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(value.dtype)
-    return torch.matmul(probs, value).to(query.dtype).transpose(1, 2)
-
-
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function: SDPA, except for training-time attention dropout on CPU, where SDPA
-    falls back to a slow path that materialises everything (about 10x slower), and for sampling steps."""
+    falls back to a slow path that materialises everything (about 10x slower). (Sampling steps after the prefix
+    run in gpt2zh.sampling.DecodeStep.)"""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if dropout > 0 and query.device.type == "cpu" and attention_mask is None and query.shape[2] == key.shape[2]:
         output = blocked_causal_attention(query, key, value, dropout, scaling, getattr(module, "query_block", QUERY_BLOCK))
         return output.transpose(1, 2), None  # [B, T, H, D] as transformers expects
-    if query.shape[2] == 1 and attention_mask is None and dropout == 0:  # a sampling step: one token, the whole cache
-        if getattr(module.config, "sampling_attention", "matmul") == "sdpa":  # chosen by gpt2zh.sampling's trial
-            output = F.scaled_dot_product_attention(query.to(key.dtype), key, value, scale=scaling)
-            return output.to(query.dtype).transpose(1, 2), None
-        return decode_attention(query, key, value, scaling), None
     if key.dtype != query.dtype:  # a cache kept in fp32 while sampling on CPU: attend in its precision
         output, weights = sdpa_attention_forward(module, query.to(key.dtype), key, value, attention_mask,
                                                  dropout=dropout, scaling=scaling, **kwargs)
