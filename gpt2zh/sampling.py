@@ -74,8 +74,8 @@ class PackedLinear:
 
 class HalfLinear:
     """x @ weight.T + bias through fp16 copies of the weights: PyTorch's fp16 matrix-vector kernel accumulates in
-    fp32 and reads the weights at memory bandwidth on x86 CPUs (31 GB/s on a Zen 4, where oneDNN's packed bf16
-    reads 18), so one row a step (a user at a terminal) runs faster; with several rows it is slow."""
+    fp32 and reads 29-35 GB/s on a Zen 4, where oneDNN's packed bf16 reads 20-23, so one row a step (a user at a
+    terminal) runs faster; with several rows it falls back to a slow generic kernel."""
 
     def __init__(self, weight, bias):  # weight: [out, in]
         self.weight = weight.detach().to(torch.float16).contiguous()
@@ -110,8 +110,9 @@ def attend_sdpa(query, keys, values, scale):
 
 
 def attend_fused(query, keys, values, scale):
-    """Products and sums that torch.compile fuses into one pass over a bf16 cache, accumulating in fp32: at the
-    read bandwidth on a Zen 4, where PyTorch's own bf16 kernels read such a cache at a fraction of it."""
+    """Products and sums that torch.compile fuses into one pass over the keys and one over the values of a bf16
+    cache, accumulating in fp32: about 19 GB/s for 10 rows on a Zen 4, where PyTorch's bf16 matmul reads such a
+    cache at 9 and its SDPA at 4."""
     scores = (keys.float() * query.float()[:, :, None]).sum(-1) * scale  # [B, H, L]
     probs = torch.softmax(scores, dim=-1)
     return (probs[..., None] * values.float()).sum(-2)
@@ -165,8 +166,8 @@ def decode_linears(model, kind, rows):
 class DecodeStep:
     """One sampling step of a GPT2LMHeadModel: each row's newest token through every layer, its key and value
     written into the cache the prefix's forward pass filled, the next token's logits out. The model's forward for
-    one position, with the kernels of `kernel` and without transformers' per-module machinery (2 of the 10 ms a
-    step of the seed config took on CPU). The model itself is not changed: packed or fp16 weights are copies
+    one position, with the kernels of `kernel` and without transformers' per-module machinery (1.5 of the 12 ms
+    a step of the seed config took on CPU). The model itself is not changed: packed or fp16 weights are copies
     (`linears`: decode_linears' for the kernel's kind, built if not given). With fp16 linear layers the residual
     stream is fp32 (their fp16 outputs add to it without a cast); otherwise it is in the weights' dtype."""
 
