@@ -11,6 +11,9 @@ from .errors import UserError
 from .fileio import write_json_atomic
 
 
+SHOWN = 4  # timings named in the printed line, fastest first
+
+
 def choices_file():
     """Where the measured choices are remembered: one entry per kind of kernel, CPU, thread count, torch version
     and shape."""
@@ -47,6 +50,9 @@ def choose(what, flag, forced, candidates, shape, measure, unit, say=print):
         how = "measured now"
     else:
         how = f"measured before, remembered in {path}"
-    timings = ", ".join(f"{name} {ms} ms" for name, ms in entry["ms"].items())
+    ranked = sorted(entry["ms"].items(), key=lambda item: item[1])
+    timings = ", ".join(f"{name} {ms} ms" for name, ms in ranked[:SHOWN])
+    if len(ranked) > SHOWN:  # the line stays short; the file has them all
+        timings += f", … {len(ranked) - SHOWN} more up to {ranked[-1][1]} ms"
     say(f"{what}: {entry['choice']}, the fastest here ({how}: {timings} {unit}; {flag} chooses another)")
     return entry["choice"]

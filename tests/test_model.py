@@ -74,7 +74,8 @@ def test_every_attention_dropout_kernel_agrees_with_the_reference_in_bf16(tmp_pa
     config.n_ctx = config.n_positions = 128
     model, said = build_model(config), []
     assert choose_dropout_attention(model, 2, torch.bfloat16, say=said.append) in ("blocked-64", "blocked-128")
-    assert "measured now: blocked-64" in said[0] and (tmp_path / "gpt2zh" / "kernel_choices.json").is_file()
+    assert "measured now: blocked-" in said[0] and "blocked-64" in said[0] and "blocked-128" in said[0]
+    assert (tmp_path / "gpt2zh" / "kernel_choices.json").is_file()
     choose_dropout_attention(model, 2, torch.bfloat16, say=said.append)
     assert "remembered in" in said[1]
     choose_dropout_attention(model, 2, torch.bfloat16, "blocked-64", say=said.append)

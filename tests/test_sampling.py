@@ -97,6 +97,7 @@ def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path,
     model = copy.deepcopy(reference_model).to(torch.bfloat16)
     chosen = choose_kernel(model, 2, 16, say=said.append).name
     assert chosen in tried and "measured now" in said[0] and (tmp_path / "gpt2zh" / "kernel_choices.json").is_file()
+    assert f"measured now: {chosen} " in said[0] and " more up to " in said[0]  # fastest first, the line kept short
     assert choose_kernel(copy.deepcopy(reference_model).to(torch.bfloat16), 2, 16, say=said.append).name == chosen
     assert "remembered in" in said[1]
     assert choose_kernel(model, 2, 16, "fp32-sdpa", say=said.append).name == "fp32-sdpa"
