@@ -392,18 +392,28 @@ def cut_at_stop(row, prefix_length, stop_id):
 
 class Writer:
     """A model folder loaded once for continuing prefixes: weights in the precision the hardware suits, on CPU
-    the sampling kernel `choose_kernel` picks, and the ids never to sample: [UNK], [PAD] and the rows a config's vocab_size reserves
-    beyond the vocabulary, which name no token."""
+    for each number of rows the sampling kernel `choose_kernel` picks (the one for `rows` chosen at once), and the
+    ids never to sample: [UNK], [PAD] and the rows a config's vocab_size reserves beyond the vocabulary, which name
+    no token."""
 
     def __init__(self, model_path, tokenizer_path=None, device=torch.device("cpu"), precision="auto", rows=1,
                  kernel="auto", say=print):
         self.model, self.tokenizer = load_model_folder(model_path, tokenizer_path)
         self.model.to(device, dtype=autocast_dtype(device, precision, fp16=False) or torch.float32).eval()
         self.device, self.n_ctx = device, context_length(self.model.config)
-        chosen = choose_kernel(self.model, rows, self.n_ctx // 2, kernel, say) if device.type == "cpu" else None
-        self.step = DecodeStep(self.model, chosen, rows)
+        self.kernel, self.say, self.steps = kernel, say, {}
+        self.decode_step(rows)
         self.suppress = [self.tokenizer.unk_token_id, self.tokenizer.pad_token_id,
                          *range(len(self.tokenizer), self.model.config.vocab_size)]
+
+    def decode_step(self, rows):
+        """The DecodeStep for `rows` rows at a time: what is fastest for one row (fp16 linear layers on a Zen 4)
+        is the slowest for ten."""
+        if rows not in self.steps:
+            chosen = (choose_kernel(self.model, rows, self.n_ctx // 2, self.kernel, self.say)
+                      if self.device.type == "cpu" else None)
+            self.steps[rows] = DecodeStep(self.model, chosen, rows)
+        return self.steps[rows]
 
     def processors(self, temperature, top_k, top_p, repetition_penalty):
         return make_logits_processors(temperature, top_k, top_p, repetition_penalty, self.suppress)
@@ -414,5 +424,5 @@ class Writer:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stop_id = self.tokenizer.convert_tokens_to_ids(ARTICLE_END) if stop_at_end else None
         out = sample(self.model, prefix_ids, length, rows, processors, self.n_ctx, generator=generator,
-                     on_step=on_step, stop_id=stop_id, step=self.step).tolist()
+                     on_step=on_step, stop_id=stop_id, step=self.decode_step(rows)).tolist()
         return [cut_at_stop(row, len(prefix_ids), stop_id) if stop_at_end else row for row in out]

@@ -78,8 +78,8 @@ class Models:
         if name not in self.loaded:
             if len(self.loaded) >= 2:
                 self.loaded.pop(next(iter(self.loaded)))
-            self.loaded[name] = Writer(self.models_dir / name, None, self.device, self.precision,
-                                       LIMITS["nsamples"][1])
+            # the kernel for one row first, the page's usual request (watched as it streams); others on first use
+            self.loaded[name] = Writer(self.models_dir / name, None, self.device, self.precision)
         return self.loaded[name]
 
 

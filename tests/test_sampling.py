@@ -134,3 +134,22 @@ except UserError as error:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("sampling kernel bf16-fused: torch.compile cannot build its fused attention here")
     assert "--sampling_kernel chooses another" in result.stdout
+
+
+def test_a_writer_chooses_a_kernel_for_each_number_of_rows_it_writes(trained, tmp_path, monkeypatch):
+    """One row (a page streaming one continuation) and several rows get each their own trial, once."""
+    from gpt2zh.sampling import Writer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    said = []
+    writer = Writer(trained / "model" / "final_model", say=said.append)
+    assert list(writer.steps) == [1] and len(said) == 1 and "measured now" in said[0]
+    processors = writer.processors(1.0, 8, 0, 1.0)
+    rows = writer.write([4, 100], 12, 3, processors, seed=0)
+    assert len(rows) == 3 and all(len(row) == 14 for row in rows)
+    assert sorted(writer.steps) == [1, 3] and len(said) == 2
+    writer.write([4, 100], 12, 3, processors, seed=1)
+    assert len(said) == 2  # the 3-row step is kept
+    forced = Writer(trained / "model" / "final_model", kernel="fp32-matmul", say=said.append)
+    forced.write([4, 100], 5, 2, processors, seed=0)
+    assert {step.kernel.name for step in forced.steps.values()} == {"fp32-matmul"}
