@@ -15,13 +15,13 @@ python cache/make_vocab.py --from_json "$work/train.json" --output "$work/vocab.
 python train.py --model_config config/model_config_cpu.json --tokenizer_path "$work/vocab.txt" \
   --raw_data_path "$work/train.json" --tokenized_data_path "$work/tokenized/" --raw --num_pieces 1 \
   --stride 256 --batch_size 8 --epochs 10 --lr 1e-3 --warmup_steps 100 --lr_schedule cosine \
-  --weight_decay 0.1 --average_from 0.5 --log_step 50 \
+  --weight_decay 0.1 --input_noise 0.1 --log_step 50 \
   --device cpu --eval_data_path "$work/eval.json" --output_dir model/cpu_preset/ \
   --writer_dir model/cpu_preset/tensorboard/ --overwrite
 python eval.py --pretrained_model model/cpu_preset/final_model --raw_data_path "$work/eval.json" \
   --tokenized_data_path "$work/tokenized_eval/" --raw --num_pieces 1 --stride 128 --log_step 20 --device cpu \
   --output_dir model/cpu_preset/
 python generate.py --model_path model/cpu_preset/final_model --device cpu --length 1000 --nsamples 10 \
-  --prefix "[CLS]却说那大圣" --topk 40 --topp 1 --temperature 1.0 --repetition_penalty 1.15 --seed 1 \
+  --prefix "[CLS]却说那大圣" --topk 40 --topp 1 --temperature 1.0 --repetition_penalty 1.25 --seed 1 \
   --save_samples --save_samples_path mnt/cpu_preset/
 python score_samples.py mnt/cpu_preset/samples.txt --json model/cpu_preset/sample_scores.json

@@ -71,6 +71,9 @@ def parse_args(argv=None):
                    help="average the weights after every step from this fraction of the run on (e.g. 0.4; 0: off): "
                         "final_model/ holds the average, model_epoch{N}/ the weights of that moment; the average's "
                         "held-out loss is reported too")
+    p.add_argument("--input_noise", type=float, default=0.0,
+                   help="data noising: replace this fraction of the input tokens (not the targets) by tokens drawn "
+                        "from the corpus's unigram distribution, anew every step (e.g. 0.1; 0: off)")
     p.add_argument("--keep_best", action="store_true", help="save the best held-out model to best_model/")
     p.add_argument("--save_every", type=int, default=1000, help="save a resumable checkpoint every this many steps")
     p.add_argument("--save_minutes", type=float, default=10, help="... and at least this often (minutes)")

@@ -117,3 +117,12 @@ def make_batch(pieces, windows, pad_id):
         input_ids[row, :length] = pieces[p][start:start + length]
         labels[row, :length] = input_ids[row, :length]
     return input_ids, labels
+
+
+def noise_inputs(input_ids, labels, p, unigram, rng):
+    """Data noising (Xie et al. 2017, "unigram noising"): each input token (padding aside) becomes, with probability
+    `p`, a token drawn from the corpus's unigram distribution `unigram` [vocab]; the labels keep the true text, so
+    the model learns to predict it from a slightly corrupted context. In place on input_ids [batch, T]."""
+    hit = (rng.random(input_ids.shape) < p) & (labels != -100)
+    input_ids[hit] = rng.choice(len(unigram), size=int(hit.sum()), p=unigram)
+    return input_ids

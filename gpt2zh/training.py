@@ -18,7 +18,7 @@ from .devices import autocast_dtype, distributed_rank, pick_device, precision_na
 from .errors import UserError
 from .evaluation import evaluate, summarize
 from .model import CausalLMLoss, build_model, choose_dropout_attention, context_length, count_parameters, load_config
-from .pieces import build_pieces, check_pieces, load_pieces, make_batch, make_windows
+from .pieces import build_pieces, check_pieces, load_pieces, make_batch, make_windows, noise_inputs
 from .text import load_articles
 from .vocab import (SPECIAL_TOKENS, build_bpe, build_word_vocab, is_bpe, is_hanzi_word, is_segmented, load_gpt2_bpe,
                     load_tokenizer, write_vocab)
@@ -30,7 +30,7 @@ ADAM_EPS = 1e-6  # the original's (transformers' old AdamW default); torch's def
 # Flags that define the sequence of optimizer steps: a resumed run must use the same ones.
 RUN_SETTINGS = ("model_config", "stride", "batch_size", "gradient_accumulation", "epochs", "num_pieces",
                 "min_length", "lr", "warmup_steps", "lr_schedule", "weight_decay", "seed", "eval_ratio", "bpe_token",
-                "bpe_vocab_size", "segment", "segment_min_count", "average_from")
+                "bpe_vocab_size", "segment", "segment_min_count", "average_from", "input_noise")
 
 
 class StopRequest:
@@ -66,6 +66,7 @@ def validate(args, n_ctx, config_name):
               (args.lr <= 0, f"--lr {args.lr}: must be positive"),
               (not 0 <= args.eval_ratio < 1, f"--eval_ratio {args.eval_ratio}: must be in [0, 1)"),
               (not 0 <= args.average_from < 1, f"--average_from {args.average_from}: must be in [0, 1) (0: off)"),
+              (not 0 <= args.input_noise < 1, f"--input_noise {args.input_noise}: must be in [0, 1) (0: off)"),
               (args.resume and args.overwrite, "--resume and --overwrite contradict each other; choose one"),
               (args.eval_ratio and args.eval_data_path, "--eval_ratio and --eval_data_path both name a held-out set; "
                                                         "choose one")]
@@ -338,6 +339,9 @@ def train(args):
         eval_chars = len(ids_to_text(tokenizer, eval_ids.tolist())) if is_bpe(tokenizer) else len(eval_ids)
     windows = make_windows(pieces, n_ctx, args.stride)
     corpus_tokens = sum(len(p) for p in pieces)
+    if args.input_noise:
+        unigram = sum(np.bincount(piece, minlength=len(tokenizer)) for piece in pieces)[:len(tokenizer)]
+        unigram = unigram / unigram.sum()
     if corpus_tokens < n_ctx:
         say(f"note: the corpus has only {corpus_tokens} tokens, fewer than n_ctx {n_ctx}; training on what there is")
 
@@ -448,13 +452,16 @@ def train(args):
             metrics.plot()
         return best_eval
 
-    def micro_batches(order, step_in_epoch):
+    def micro_batches(order, epoch, step_in_epoch):
         """The (input_ids, labels) of one optimizer step on the device, and the tokens they hold (all ranks)."""
         first = step_in_epoch * args.gradient_accumulation
         batches, tokens = [], 0
         for b in range(first, min(first + args.gradient_accumulation, batches_per_epoch)):
             input_ids, labels = make_batch(pieces, windows[order[b * args.batch_size:(b + 1) * args.batch_size]],
                                            tokenizer.pad_token_id)
+            if args.input_noise:  # drawn from (seed, epoch, batch, rank): a resumed run draws the same
+                noise_inputs(input_ids, labels, args.input_noise, unigram,
+                             np.random.default_rng([args.seed, epoch, b, rank]))
             tokens += int((labels != -100).sum()) * world
             batches.append((to_device(torch.from_numpy(input_ids), device), to_device(torch.from_numpy(labels), device)))
         return batches, tokens
@@ -469,7 +476,7 @@ def train(args):
                                unit="step", disable=not main_process)
             window, last_postfix = LogWindow(), 0.0
             for step_in_epoch in range(first_step, steps_per_epoch):
-                batches, tokens = micro_batches(order, step_in_epoch)
+                batches, tokens = micro_batches(order, epoch, step_in_epoch)
                 try:
                     step_loss = optimizer_step(model, batches, optimizer, scheduler, scaler, args.max_grad_norm, device)
                 except RuntimeError as error:

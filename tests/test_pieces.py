@@ -5,7 +5,8 @@ import pytest
 
 from conftest import ROOT
 from gpt2zh.errors import UserError
-from gpt2zh.pieces import build_pieces, check_pieces, load_pieces, make_batch, make_windows, window_starts
+from gpt2zh.pieces import (build_pieces, check_pieces, load_pieces, make_batch, make_windows, noise_inputs,
+                           window_starts)
 from gpt2zh.vocab import load_tokenizer
 
 VOCAB = ROOT / "cache" / "vocab_small.txt"
@@ -70,3 +71,18 @@ def test_stale_pieces_say_what_changed(corpus, tmp_path):
 def test_every_article_too_short(corpus, tmp_path):
     with pytest.raises(UserError, match=r"all 3 articles are shorter than --min_length 100 characters \(the longest has 9\)"):
         build_pieces(corpus, load_tokenizer(VOCAB), VOCAB, tmp_path / "tok", num_pieces=1, min_length=100)
+
+
+def test_input_noise_replaces_a_share_of_the_inputs_from_the_unigram_distribution_and_never_the_labels():
+    input_ids = np.tile(np.arange(100), (200, 1))  # [200, 100]
+    labels = input_ids.copy()
+    labels[:, 90:] = -100  # padding
+    unigram = np.array([0.0, 0.25, 0.75])  # noise draws ids 1 and 2 only
+    noisy = noise_inputs(input_ids.copy(), labels, 0.1, unigram, np.random.default_rng(0))
+    changed = noisy != input_ids
+    assert not changed[:, 90:].any() and (labels[:, :90] == input_ids[:, :90]).all()
+    assert abs(changed[:, 3:90].mean() - 0.1) < 0.01  # ids 1 and 2 may be drawn as themselves
+    drawn = noisy[:, 3:90][changed[:, 3:90]]
+    assert set(np.unique(drawn)) <= {1, 2} and abs((drawn == 2).mean() - 0.75) < 0.03
+    again = noise_inputs(input_ids.copy(), labels, 0.1, unigram, np.random.default_rng(0))
+    assert (again == noisy).all()  # the same generator state draws the same noise
