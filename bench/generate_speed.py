@@ -52,14 +52,14 @@ def main():
     parser.add_argument("--original_tokens", type=int, default=20)
     parser.add_argument("--sampling_kernel", default="auto", help="as generate.py's")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="runs of each command, the fastest reported (as the bandwidth is the best of 5 reads)")
+                        help="runs of each command, each against the bandwidth read around it; the median fraction reported")
     args = parser.parse_args()
     config = load_config(args.model_config)
     print(f"machine: {machine()}")
     bandwidth = read_bandwidth()
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
-    print(f"limits: read bandwidth {bandwidth / 1e9:.1f} GB/s (read again around every run below); matmul peak bf16 {peaks['bf16'] / 1e12:.3f}, "
-          f"fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s")
+    print(f"limits: read bandwidth {bandwidth / 1e9:.1f} GB/s (read again around every run below); "
+          f"matmul peak bf16 {peaks['bf16'] / 1e12:.3f}, fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s")
 
     torch.manual_seed(0)
     model = build_model(config).eval()  # as generate.py loads it
@@ -75,7 +75,7 @@ def main():
               + f" -> {chosen}")
         step = DecodeStep(model, kernel_candidates(model)[chosen], rows)
         needed = roofline_bytes(model, rows, len(prefix), args.length)
-        # The bandwidth of this shared machine moves with its neighbours' work (28-58 GB/s seen within minutes), so
+        # The bandwidth of this shared machine moves with its neighbours' work (28-65 GB/s seen within minutes), so
         # it is read again between runs, and each run is held against the higher of the readings around it.
         readings, runs = [read_bandwidth(repeats=3)], []
         for _ in range(args.repeats):
