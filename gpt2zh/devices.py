@@ -53,6 +53,13 @@ def distributed_rank():
     return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world
 
 
+def distributed_device(spec, local_rank):
+    """The device of one torchrun process: the CPU when `spec` says cpu or there is no GPU, else its own GPU."""
+    if not parse_device_ids(spec) or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{local_rank}")
+
+
 def pick_device(spec, flag="--device", say=print):
     """The device a single-process run uses (the first GPU of `spec` that exists, else the CPU) and the ids
     of all the GPUs of `spec` that exist."""

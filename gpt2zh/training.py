@@ -14,7 +14,7 @@ from . import checkpoints
 from .articles import encode_articles, ids_to_text
 from .console import progress_bar
 from .curves import MetricsLog
-from .devices import autocast_dtype, distributed_rank, pick_device, precision_name
+from .devices import autocast_dtype, distributed_device, distributed_rank, pick_device, precision_name
 from .errors import UserError
 from .evaluation import evaluate, summarize
 from .model import CausalLMLoss, build_model, choose_dropout_attention, context_length, count_parameters, load_config
@@ -302,7 +302,7 @@ def train(args):
 
     # ---- devices and processes ------------------------------------------------------------------
     if world > 1:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        device = distributed_device(args.device, local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -2,9 +2,11 @@ import shutil
 import subprocess
 import sys
 
+import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run, train_args
+from gpt2zh.devices import distributed_device
 
 
 def test_two_cpu_processes_train_like_one_with_twice_the_batch(prepared):
@@ -24,3 +26,12 @@ def test_two_cpu_processes_train_like_one_with_twice_the_batch(prepared):
     ddp = load_file(prepared / "ddp" / "final_model" / "model.safetensors")
     for name in single:
         assert (single[name] - ddp[name]).abs().max() < 1e-5, name
+
+
+def test_torchrun_processes_keep_to_the_cpu_when_device_cpu_is_asked_even_beside_gpus(monkeypatch):
+    """cpu_preset.sh trains with torchrun on the CPU; on a machine with GPUs --device cpu must still mean the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert str(distributed_device("cpu", 1)) == "cpu"
+    assert str(distributed_device("0,1", 1)) == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert str(distributed_device("0,1", 1)) == "cpu"
