@@ -25,17 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, matmul_peak, read_bandwidth  # noqa: E402
 from gpt2zh.devices import bf16_supported  # noqa: E402
 from gpt2zh.model import build_model, count_parameters, load_config  # noqa: E402
-from gpt2zh.sampling import DecodeStep, kernel_candidates, make_logits_processors, measure_kernels, sample  # noqa: E402
+from gpt2zh.sampling import decode_step, kernel_candidates, make_logits_processors, measure_kernels, sample  # noqa: E402
 
 
-def roofline_bytes(model, rows, prefix, length):
-    """Least bytes a run must read: bf16 weights each step (the position table and the embedding lookups aside:
-    the tied output layer reads the token table whole) and a bf16 KV cache of the tokens so far."""
+def roofline(model, rows, prefix, length):
+    """(bytes, FLOPs) a run needs at least: bf16 weights read each step (the position table and the embedding
+    lookups aside: the tied output layer reads the token table whole) and a bf16 KV cache of the tokens so far; two
+    FLOPs per weight and row, four per cached key or value element and row."""
     config = model.config
-    weights = 2 * (count_parameters(model) - config.n_positions * config.n_embd)
-    cache_per_token = 2 * config.n_layer * 2 * config.n_embd  # keys and values, bf16
+    weights = count_parameters(model) - config.n_positions * config.n_embd
     cached = sum(min(prefix + step, config.n_ctx) for step in range(length))
-    return length * weights + rows * cache_per_token * cached
+    cache_elements = rows * config.n_layer * 2 * config.n_embd * cached  # keys and values
+    return length * 2 * weights + 2 * cache_elements, length * 2 * rows * weights + 2 * cache_elements
 
 
 def timed_run(model, step, rows, prefix, length, processors, n_ctx):
@@ -73,8 +74,8 @@ def main():
         print(f"sampling kernels, a step of {rows} rows over {config.n_ctx // 2} cached tokens (set-up spread over "
               f"{config.n_ctx} steps): " + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in timings.items())
               + f" -> {chosen}")
-        step = DecodeStep(model, kernel_candidates(model)[chosen], rows)
-        needed = roofline_bytes(model, rows, len(prefix), args.length)
+        step = decode_step(model, kernel_candidates(model)[chosen], rows)
+        needed, flops = roofline(model, rows, len(prefix), args.length)
         # The bandwidth of this shared machine moves with its neighbours' work (28-65 GB/s seen within minutes), so
         # it is read again between runs, and each run is held against the higher of the readings around it.
         readings, runs = [read_bandwidth(repeats=3)], []
@@ -87,6 +88,11 @@ def main():
             for i, (seconds, fraction) in enumerate(zip(runs, fractions))) +
             f"; median {100 * sorted(fractions)[len(fractions) // 2]:.0f}% of the bandwidth roofline "
             f"({rows * args.length / min(runs):,.0f} tokens/s at best)")
+        # With several rows the products, not the reading, can bound a step on a CPU with few cores
+        floor = max(needed / max(readings), flops / peaks["bf16"])
+        print(f"  {flops / 1e12:.2f} TFLOP: {flops / peaks['bf16']:.1f} s at the bf16 peak; the fastest run is "
+              f"{100 * floor / min(runs):.0f}% of the roofline of bandwidth and bf16 peak together "
+              f"({floor:.1f} s at the highest reading)")
         seconds = min(runs)
         if rows == args.nsamples:
             reference_seconds = seconds

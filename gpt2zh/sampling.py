@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from . import kernel_trials
+from . import kernel_trials, native
 from .articles import ARTICLE_END
 from .checkpoints import load_model_folder
 from .devices import autocast_dtype
@@ -134,11 +134,13 @@ HALF_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # a cache in the w
 @dataclass(frozen=True)
 class SamplingKernel:
     cache: str  # "fp32", or the weights' "bf16" / "fp16"
-    attention: str  # a key of ATTENDS
-    linear: str  # "plain", "packed" (bf16 for oneDNN) or "fp16"
+    attention: str  # a key of ATTENDS, or "cpp": the whole step in C++ (native.py)
+    linear: str  # "plain", "packed" (bf16 for oneDNN), "fp16", or "cpp" with the attention
 
     @property
     def name(self):
+        if self.linear == "cpp":
+            return f"{self.cache}-cpp"
         return f"{self.cache}-{self.attention}" + ("" if self.linear == "plain" else f"+{self.linear}")
 
     @property
@@ -165,6 +167,13 @@ def decode_linears(model, kind, rows):
     blocks = [tuple(map(linear, (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)))
               for block in model.transformer.h]
     return blocks, linear(model.lm_head)
+
+
+def decode_step(model, kernel=None, rows=1, linears=None):
+    """The step computing `kernel`: the C++ one (native.py) or a DecodeStep."""
+    if kernel is not None and kernel.linear == "cpp":
+        return native.NativeDecodeStep(model, kernel)
+    return DecodeStep(model, kernel, rows, linears)
 
 
 class DecodeStep:
@@ -239,19 +248,21 @@ def preallocated_cache(model, capacity, dtype=None):
 def kernel_candidates(model):
     """{name: SamplingKernel} for this model's weights: the cache in fp32 or in the weights' dtype, attended by
     matmul-softmax-matmul, SDPA or (a half-precision cache) the compiled fused pass; the linear layers plain,
-    packed for oneDNN (bf16 weights) or through fp16 copies."""
+    packed for oneDNN (bf16 weights) or through fp16 copies; and (bf16 weights on the CPU) the whole step in C++."""
     weights = next(model.parameters())
-    native = HALF_NAMES.get(weights.dtype)  # None: fp32 weights
+    half = HALF_NAMES.get(weights.dtype)  # None: fp32 weights
     attentions = [("fp32", "matmul"), ("fp32", "sdpa")]
-    if native:
-        attentions += [(native, "matmul"), (native, "sdpa"), (native, "fused")]
+    if half:
+        attentions += [(half, "matmul"), (half, "sdpa"), (half, "fused")]
     linears = ["plain"]
     if (weights.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):  # private oneDNN ops a later torch may change
         linears.append("packed")
     if weights.dtype != torch.float16:
         linears.append("fp16")
-    kernels = (SamplingKernel(cache, attention, linear) for cache, attention in attentions for linear in linears)
+    kernels = [SamplingKernel(cache, attention, linear) for cache, attention in attentions for linear in linears]
+    if native.supports(model):
+        kernels.append(SamplingKernel("bf16", "cpp", "cpp"))
     return {kernel.name: kernel for kernel in kernels}
 
 
@@ -272,9 +283,9 @@ def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=2):
     for name, kernel in candidates.items():
         start = time.perf_counter()
         try:
-            if kernel.linear not in linears:
+            if kernel.linear not in linears and kernel.linear != "cpp":
                 linears[kernel.linear] = decode_linears(model, kernel.linear, rows)
-            step = DecodeStep(model, kernel, rows, linears[kernel.linear])
+            step = decode_step(model, kernel, rows, linears.get(kernel.linear))
             cache = caches.get(kernel.cache)
             if cache is None:
                 cache = caches[kernel.cache] = preallocated_cache(model, keys + 1, kernel.cache_dtype)
@@ -415,7 +426,7 @@ class Writer:
         if rows not in self.steps:
             chosen = (choose_kernel(self.model, rows, self.n_ctx // 2, self.kernel, self.say)
                       if self.device.type == "cpu" else None)
-            self.steps[rows] = DecodeStep(self.model, chosen, rows)
+            self.steps[rows] = decode_step(self.model, chosen, rows)
         return self.steps[rows]
 
     def processors(self, temperature, top_k, top_p, repetition_penalty):

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT, TINY_CONFIG
 from gpt2zh.articles import ids_to_text
@@ -65,7 +66,7 @@ def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path,
     with bf16 ones, 0.3% with fp16 ones. The model itself is left as it was."""
     import copy
 
-    from gpt2zh.sampling import DecodeStep, choose_kernel, kernel_candidates, preallocated_cache
+    from gpt2zh.sampling import choose_kernel, decode_step, kernel_candidates, preallocated_cache
 
     reference_model = tiny_model()
     with torch.no_grad():  # biases and layer norms away from their first 0 and 1: a kernel that drops one fails
@@ -80,7 +81,7 @@ def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path,
         model = copy.deepcopy(reference_model).to(dtype)
         weights = copy.deepcopy(model.state_dict())
         for name, kernel in kernel_candidates(model).items():
-            step = DecodeStep(model, kernel, rows=2)
+            step = decode_step(model, kernel, rows=2)
             cache = preallocated_cache(model, 32, kernel.cache_dtype)
             with torch.no_grad():
                 logits = [model(input_ids=sequence[:, :4], cache=cache, use_cache=True).logits[:, -1]]
@@ -94,7 +95,7 @@ def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path,
             tried.append(name)
         assert all(torch.equal(value, weights[key]) for key, value in model.state_dict().items())
     assert {"fp32-matmul", "fp32-sdpa+fp16", "bf16-matmul", "bf16-sdpa", "bf16-fused", "bf16-matmul+fp16",
-            "fp32-sdpa+packed", "fp16-matmul", "fp16-sdpa", "fp16-fused"} <= set(tried)
+            "fp32-sdpa+packed", "fp16-matmul", "fp16-sdpa", "fp16-fused", "bf16-cpp"} <= set(tried)
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     said = []
@@ -111,9 +112,46 @@ def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path,
         choose_kernel(model, 2, 16, "fast", say=said.append)
 
 
-def test_without_a_working_compiler_the_fused_attention_is_left_out_and_asking_for_it_is_explained(tmp_path):
-    """A machine where torch.compile cannot build (here: CXX names no compiler, and an empty inductor cache):
-    the trial goes on without the fused attention, and forcing it says why in one line."""
+def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_block_and_both_activations(
+        tmp_path, monkeypatch):
+    """The C++ step attends in vectors for heads of 32, 64 and 128 and in scalars otherwise (here 7); it pads odd
+    widths (n_embd 21, n_inner 45, vocab 50: not whole tiles of 16) and takes rows in blocks: 17 rows cross a
+    block. With attention scaled by the inverse layer index, caches of 7 to 12 tokens (every remainder of its
+    loops over 4 and 2 keys) and both activations it computes, against the model's fp32 forward within 3% of the
+    logits' range."""
+    import copy
+
+    from gpt2zh.sampling import decode_step, kernel_candidates, preallocated_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    shapes = [(21, 3, 45, "gelu_new"), (21, 3, 45, "relu"), (64, 2, None, "gelu_new"), (128, 2, None, "gelu_new"),
+              (128, 1, None, "relu")]  # n_embd, n_head, n_inner, activation: heads of 7, 32, 64, 128
+    for n_embd, n_head, n_inner, activation in shapes:
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=50, n_positions=32, n_embd=n_embd, n_head=n_head, n_inner=n_inner, n_layer=2,
+                            activation_function=activation, scale_attn_by_inverse_layer_idx=True)
+        reference_model = GPT2LMHeadModel(config).eval()
+        with torch.no_grad():
+            for parameter in reference_model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+        sequence = torch.randint(0, 50, (17, 12))
+        with torch.no_grad():
+            reference = reference_model(input_ids=sequence).logits[:, 5:]
+        model = copy.deepcopy(reference_model).to(torch.bfloat16)
+        step = decode_step(model, kernel_candidates(model)["bf16-cpp"])
+        cache = preallocated_cache(model, 16)
+        with torch.no_grad():
+            logits = [model(input_ids=sequence[:, :6], cache=cache, use_cache=True).logits[:, -1]]
+        logits += [step(sequence[:, position], cache) for position in range(6, 12)]
+        error = (torch.stack(logits, dim=1).float() - reference).abs().max() / reference.abs().max()
+        assert error < 0.03, (n_embd, n_head, activation, error.item())
+        assert cache.get_seq_length() == 12
+
+
+def test_without_a_working_compiler_the_compiled_kernels_are_left_out_and_asking_for_them_is_explained(tmp_path):
+    """A machine where nothing can be compiled (here: CXX names no compiler, and empty inductor and kernel
+    caches): the trial goes on without the fused attention and the C++ step, and forcing either says why in one
+    line."""
     import os
     import subprocess
     import sys
@@ -123,21 +161,27 @@ import sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 from gpt2zh.errors import UserError
 from gpt2zh.model import build_model, load_config
-from gpt2zh.sampling import DecodeStep, kernel_candidates, measure_kernels
+from gpt2zh.sampling import decode_step, kernel_candidates, measure_kernels
 model = build_model(load_config({str(TINY_CONFIG)!r})).eval().to(torch.bfloat16)
 timings = measure_kernels(model, 2, 8, 32)
-assert "bf16-fused+packed" in kernel_candidates(model) and not any("fused" in name for name in timings), timings
+candidates = kernel_candidates(model)
+assert "bf16-fused+packed" in candidates and not any("fused" in name for name in timings), timings
+assert "bf16-cpp" in candidates and "bf16-cpp" not in timings, timings
 assert "bf16-matmul+packed" in timings, timings
-try:
-    DecodeStep(model, kernel_candidates(model)["bf16-fused"], 2)
-except UserError as error:
-    print(error)
+for name in ("bf16-fused", "bf16-cpp"):
+    try:
+        decode_step(model, candidates[name], 2)
+    except UserError as error:
+        print(error)
 """
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("sampling kernel bf16-fused: torch.compile cannot build its fused attention here")
-    assert "--sampling_kernel chooses another" in result.stdout
+    fused, cpp = result.stdout.splitlines()
+    assert fused.startswith("sampling kernel bf16-fused: torch.compile cannot build its fused attention here")
+    assert cpp.startswith("sampling kernel bf16-cpp: no C++ compiler: ")
+    assert fused.endswith("--sampling_kernel chooses another") and cpp.endswith("--sampling_kernel chooses another")
 
 
 def test_a_writer_chooses_a_kernel_for_each_number_of_rows_it_writes(trained, tmp_path, monkeypatch):

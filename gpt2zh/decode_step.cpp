@@ -1,0 +1,417 @@
+// One sampling step of a GPT-2 in one call: every row's newest token through every block, its key and value
+// written into a bf16 cache, the next token's logits out. Built by gpt2zh/native.py with the machine's own
+// instruction set (-march=native) and called through ctypes, so a step costs one call instead of ~150 PyTorch
+// operators, and the weights stream from memory in a layout made for it.
+//
+// Weights are bf16, packed by native.py as [tiles of 16 outputs][input pairs][16 outputs] of uint32, each holding
+// the weights of two consecutive inputs for one output (the lower half the even input): a tile is one contiguous
+// run of memory, and AVX512-BF16's dot product of pairs (vdpbf16ps) takes it as it is. Without that instruction
+// the same loops run in fp32 (the compiler vectorizes them for whatever the CPU has). The residual stream,
+// layer norms, softmax and accumulations are fp32; the cache is bf16 [rows, heads, capacity, head_dim].
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define DOT_PAIRS_IN_BF16 1
+#endif
+
+namespace {
+
+constexpr int TILE = 16;      // outputs per packed tile
+#ifdef __AVX512F__
+constexpr int ROW_BLOCK = 12;      // rows sharing one read of a tile (the next block reads it again from cache)
+constexpr int TILES_PER_STEP = 2;  // 24 sums and 2 tiles' weights in 32 vector registers
+#else
+constexpr int ROW_BLOCK = 4;  // 16 vector registers (AVX2, NEON): 4 rows' sums and the weights fit in them
+constexpr int TILES_PER_STEP = 1;
+#endif
+
+typedef float floats __attribute__((vector_size(64)));     // 16 floats, mapped on the CPU's vectors
+typedef uint32_t words __attribute__((vector_size(64)));
+
+inline float bits_to_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even, as PyTorch's .to(torch.bfloat16)
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+    return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float bf16_to_float(uint16_t b) { return bits_to_float(uint32_t(b) << 16); }
+
+// exp(x) to ~2 ulp in branch-free arithmetic the compiler vectorizes (glibc's expf is a scalar call here)
+inline float exp_approx(float x) {
+    x = std::min(std::max(x, -87.0f), 88.0f);
+    float n = std::nearbyint(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * bits_to_float(uint32_t(int32_t(n) + 127) << 23);
+}
+
+// sum of term(0) .. term(n - 1) in 16 lanes: a float reduction the compiler may vectorize without reassociating
+template <class Term>
+inline float sum_of(int n, Term term) {
+    float lanes[16] = {};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; ++j) lanes[j] += term(i + j);
+    float total = 0.0f;
+    for (; i < n; ++i) total += term(i);
+    for (int j = 0; j < 16; ++j) total += lanes[j];
+    return total;
+}
+
+enum Activation { GELU_TANH = 0, RELU = 1 };
+
+// GPT-2's gelu_new (its tanh written with exp) or relu, over n values in place
+void activate(float* v, int n, int activation) {
+    if (activation == RELU) {
+        for (int i = 0; i < n; ++i) v[i] = std::max(v[i], 0.0f);
+        return;
+    }
+    for (int i = 0; i < n; ++i) {
+        const float u = 0.7978845608028654f * (v[i] + 0.044715f * v[i] * v[i] * v[i]);
+        v[i] = 0.5f * v[i] * (2.0f - 2.0f / (exp_approx(2.0f * u) + 1.0f));  // 1 + tanh(u)
+    }
+}
+
+struct Linear {
+    const uint32_t* packed;  // [tiles][pairs][TILE]
+    const float* bias;       // [out] or null
+    int in, out;
+    int pairs() const { return (in + 1) / 2; }
+    int tiles() const { return (out + TILE - 1) / TILE; }
+};
+
+// The input rows as tile_product reads them: for each block of ROW_BLOCK rows and each input pair, the rows side
+// by side (so that one pointer reaches them all): with AVX512-BF16 one uint32 per row (the pair in bf16), else two
+// floats.
+#ifdef DOT_PAIRS_IN_BF16
+constexpr int PER_ROW = 1;
+#else
+constexpr int PER_ROW = 2;
+#endif
+using InputWord = std::conditional_t<PER_ROW == 1, uint32_t, float>;
+
+void interleave(int rows, int pairs, const float* x, int ldx, std::vector<InputWord>& out) {
+    const int blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+    out.assign(size_t(blocks) * pairs * ROW_BLOCK * PER_ROW, InputWord(0));
+    for (int r = 0; r < rows; ++r) {
+        InputWord* block = out.data() + size_t(r / ROW_BLOCK) * pairs * ROW_BLOCK * PER_ROW;
+        for (int p = 0; p < pairs; ++p) {
+            const float a = x[size_t(r) * ldx + 2 * p], b = x[size_t(r) * ldx + 2 * p + 1];
+            InputWord* word = block + (size_t(p) * ROW_BLOCK + r % ROW_BLOCK) * PER_ROW;
+#ifdef DOT_PAIRS_IN_BF16
+            word[0] = uint32_t(to_bf16(a)) | uint32_t(to_bf16(b)) << 16;
+#else
+            word[0] = a;
+            word[1] = b;
+#endif
+        }
+    }
+}
+
+// acc[r][j] = sum over inputs of x[r] * weight, for the R rows of a block and the 16 outputs of each of the T
+// tiles that follow `tile` (each input broadcast once for T tiles)
+template <int R, int T>
+void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc[][ROW_BLOCK][TILE]) {
+    constexpr int CHAINS = R * T >= 4 ? 1 : 4;  // independent sums, so that few rows do not wait on each add
+    const size_t next = size_t(pairs) * TILE;     // from one tile to the next
+#ifdef DOT_PAIRS_IN_BF16
+    __m512 sums[CHAINS][T][R];
+    for (int c = 0; c < CHAINS; ++c)
+        for (int u = 0; u < T; ++u)
+            for (int r = 0; r < R; ++r) sums[c][u][r] = _mm512_setzero_ps();
+    auto add_pair = [&](int p, int c) {
+        __m512bh w[T];
+        for (int u = 0; u < T; ++u) w[u] = (__m512bh)_mm512_loadu_si512(tile + u * next + p * TILE);
+        for (int r = 0; r < R; ++r) {
+            const __m512bh in = (__m512bh)_mm512_set1_epi32(int(x[p * ROW_BLOCK + r]));
+            for (int u = 0; u < T; ++u) sums[c][u][r] = _mm512_dpbf16_ps(sums[c][u][r], w[u], in);
+        }
+    };
+#else
+    floats sums[CHAINS][T][R] = {};
+    auto add_pair = [&](int p, int c) {
+        for (int u = 0; u < T; ++u) {
+            words w;
+            std::memcpy(&w, tile + u * next + p * TILE, sizeof(w));
+            const floats even = (floats)(w << 16), odd = (floats)(w & 0xffff0000u);
+            for (int r = 0; r < R; ++r)
+                sums[c][u][r] += x[(p * ROW_BLOCK + r) * 2] * even + x[(p * ROW_BLOCK + r) * 2 + 1] * odd;
+        }
+    };
+#endif
+    int p = 0;
+    for (; p + CHAINS <= pairs; p += CHAINS)
+        for (int c = 0; c < CHAINS; ++c) add_pair(p + c, c);
+    for (; p < pairs; ++p) add_pair(p, 0);
+    for (int u = 0; u < T; ++u)
+        for (int r = 0; r < R; ++r) {
+            for (int c = 1; c < CHAINS; ++c) sums[0][u][r] += sums[c][u][r];
+            std::memcpy(acc[u][r], &sums[0][u][r], sizeof(acc[u][r]));
+        }
+}
+
+template <int R, int T>
+void tile_product_rows(int rows, const uint32_t* tile, int pairs, const InputWord* x, float acc[][ROW_BLOCK][TILE]) {
+    if constexpr (R > 1) {
+        if (rows < R) return tile_product_rows<R - 1, T>(rows, tile, pairs, x, acc);
+    }
+    tile_product<R, T>(tile, pairs, x, acc);
+}
+
+struct Workspace {
+    std::vector<float> normed, qkv, attended, inner;
+    std::vector<InputWord> input;
+};
+
+// y[r] = activation(x[r] @ W + bias) (+ y[r] when accumulate: the residual). x: [rows][ldx] fp32 with ldx even and
+// x[r][in] = 0 when `in` is odd.
+void linear(const Linear& layer, int rows, const float* x, int ldx, std::vector<InputWord>& input, float* y,
+            int ldy, int activation, bool accumulate, int threads) {
+    const int pairs = layer.pairs(), tiles = layer.tiles();
+    interleave(rows, pairs, x, ldx, input);
+    const int steps = (tiles + TILES_PER_STEP - 1) / TILES_PER_STEP;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int step = 0; step < steps; ++step) {
+        float acc[TILES_PER_STEP][ROW_BLOCK][TILE];
+        const int t0 = step * TILES_PER_STEP, count = std::min(TILES_PER_STEP, tiles - t0);
+        const uint32_t* tile = layer.packed + size_t(t0) * pairs * TILE;
+        for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
+            const int block = std::min(ROW_BLOCK, rows - r0);
+            const InputWord* in = input.data() + size_t(r0) * pairs * PER_ROW;
+            if (count == TILES_PER_STEP)
+                tile_product_rows<ROW_BLOCK, TILES_PER_STEP>(block, tile, pairs, in, acc);
+            else
+                tile_product_rows<ROW_BLOCK, 1>(block, tile, pairs, in, acc);
+            for (int u = 0; u < count; ++u) {
+                const int first = (t0 + u) * TILE, width = std::min(TILE, layer.out - first);
+                if (layer.bias)
+                    for (int r = 0; r < block; ++r)
+                        for (int j = 0; j < width; ++j) acc[u][r][j] += layer.bias[first + j];
+                if (activation >= 0) activate(&acc[u][0][0], block * TILE, activation);
+                for (int r = 0; r < block; ++r) {
+                    float* out = y + size_t(r0 + r) * ldy + first;
+                    if (accumulate)
+                        for (int j = 0; j < width; ++j) out[j] += acc[u][r][j];
+                    else
+                        std::memcpy(out, acc[u][r], sizeof(float) * width);
+                }
+            }
+        }
+    }
+}
+
+// out[r] = layer_norm(x[r]) over n features; out's rows are ldo apart (ldo >= n, the padding zeroed)
+void layer_norm(int rows, int n, const float* x, const float* weight, const float* bias, float eps, float* out,
+                int ldo) {
+    for (int r = 0; r < rows; ++r) {
+        const float* row = x + size_t(r) * n;
+        const float mean = sum_of(n, [&](int i) { return row[i]; }) / n;
+        const float var = sum_of(n, [&](int i) { return (row[i] - mean) * (row[i] - mean); });
+        const float inv = 1.0f / std::sqrt(var / n + eps);
+        float* o = out + size_t(r) * ldo;
+        for (int i = 0; i < n; ++i) o[i] = (row[i] - mean) * inv * weight[i] + bias[i];
+        for (int i = n; i < ldo; ++i) o[i] = 0.0f;
+    }
+}
+
+
+typedef float eight __attribute__((vector_size(32)));
+typedef float four __attribute__((vector_size(16)));
+
+inline float lanes_sum(floats v) {  // halving in registers
+    const eight a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const four b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// the lane sums of four vectors, together: a quarter of the shuffles of four lanes_sum
+inline four lanes_sums(floats a, floats b, floats c, floats d) {
+    const floats ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                      __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const floats cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                      __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    // ab, cd: 8 partial sums of each vector; then 4, 2, 1
+    const floats quarters = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                            __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    const eight halves = __builtin_shufflevector(quarters, quarters, 0, 2, 4, 6, 8, 10, 12, 14) +
+                         __builtin_shufflevector(quarters, quarters, 1, 3, 5, 7, 9, 11, 13, 15);
+    return __builtin_shufflevector(halves, halves, 0, 2, 4, 6) + __builtin_shufflevector(halves, halves, 1, 3, 5, 7);
+}
+
+inline void softmax(float* scores, int length, float scale) {
+    float top = -INFINITY;
+    for (int t = 0; t < length; ++t) top = std::max(top, scores[t] * scale);
+    for (int t = 0; t < length; ++t) scores[t] = exp_approx(scores[t] * scale - top);
+    const float total = sum_of(length, [&](int t) { return scores[t]; });
+    for (int t = 0; t < length; ++t) scores[t] /= total;
+}
+
+inline void load_pairs(const uint16_t* p, floats& even, floats& odd) {  // 32 bf16 values: the even and odd ones
+    words w;
+    std::memcpy(&w, p, sizeof(w));
+    even = (floats)(w << 16);
+    odd = (floats)(w & 0xffff0000u);
+}
+
+// One query over `length` keys and values (bf16 rows of 32 * PAIRS), in whole vectors kept in registers. The
+// cache's bf16 values become floats two vectors at a time, the even and the odd ones of 32 (a mask and a shift:
+// a third fewer operations than widening them in order), with the query split the same way.
+template <int PAIRS>
+void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int length, float scale, float* scores,
+                       float* out) {
+    constexpr int dim = 32 * PAIRS;
+    floats query[PAIRS][2];  // [32 dims][even, odd]
+    for (int c = 0; c < PAIRS; ++c)
+        for (int j = 0; j < 16; ++j) {
+            query[c][0][j] = q[32 * c + 2 * j];
+            query[c][1][j] = q[32 * c + 2 * j + 1];
+        }
+    auto dot = [&](int t) {  // query . key t, still in 16 lanes
+        floats even_sum = {}, odd_sum = {}, even, odd;
+        for (int c = 0; c < PAIRS; ++c) {
+            load_pairs(k + size_t(t) * dim + 32 * c, even, odd);
+            even_sum += query[c][0] * even;
+            odd_sum += query[c][1] * odd;
+        }
+        return even_sum + odd_sum;
+    };
+    int t = 0;
+    for (; t + 4 <= length; t += 4) {
+        const four sums = lanes_sums(dot(t), dot(t + 1), dot(t + 2), dot(t + 3));
+        std::memcpy(scores + t, &sums, sizeof(sums));
+    }
+    for (; t < length; ++t) scores[t] = lanes_sum(dot(t));
+    softmax(scores, length, scale);
+    floats sums[2][PAIRS][2] = {};  // two positions at a time: the adds of one do not wait on the other's
+    auto add_value = [&](int t, int u) {
+        floats even, odd;
+        for (int c = 0; c < PAIRS; ++c) {
+            load_pairs(v + size_t(t) * dim + 32 * c, even, odd);
+            sums[u][c][0] += scores[t] * even;
+            sums[u][c][1] += scores[t] * odd;
+        }
+    };
+    for (t = 0; t + 2 <= length; t += 2) {
+        add_value(t, 0);
+        add_value(t + 1, 1);
+    }
+    if (t < length) add_value(t, 0);
+    for (int c = 0; c < PAIRS; ++c)
+        for (int j = 0; j < 16; ++j) {
+            out[32 * c + 2 * j] = sums[0][c][0][j] + sums[1][c][0][j];
+            out[32 * c + 2 * j + 1] = sums[0][c][1][j] + sums[1][c][1][j];
+        }
+}
+
+void attend_in_scalars(const float* q, const uint16_t* k, const uint16_t* v, int dim, int length, float scale,
+                       float* scores, float* out) {
+    for (int t = 0; t < length; ++t) {
+        const uint16_t* key = k + size_t(t) * dim;
+        scores[t] = sum_of(dim, [&](int d) { return q[d] * bf16_to_float(key[d]); });
+    }
+    softmax(scores, length, scale);
+    for (int d = 0; d < dim; ++d) out[d] = 0.0f;
+    for (int t = 0; t < length; ++t)
+        for (int d = 0; d < dim; ++d) out[d] += scores[t] * bf16_to_float(v[size_t(t) * dim + d]);
+}
+
+// Each row's newest query over its `length` cached keys (the newest written here first): attended [rows][lda]
+void attention(int rows, int heads, int dim, int length, int capacity, const float* qkv, uint16_t* keys,
+               uint16_t* values, float scale, float* attended, int lda, int threads) {
+    const int C = heads * dim;
+    for (int r = 0; r < rows; ++r)
+        for (int h = 0; h < heads; ++h) {
+            const size_t at = (size_t(r * heads + h) * capacity + length - 1) * dim;
+            for (int d = 0; d < dim; ++d) {
+                keys[at + d] = to_bf16(qkv[size_t(r) * 3 * C + C + h * dim + d]);
+                values[at + d] = to_bf16(qkv[size_t(r) * 3 * C + 2 * C + h * dim + d]);
+            }
+        }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int rh = 0; rh < rows * heads; ++rh) {
+        thread_local std::vector<float> scores;
+        scores.resize(length);
+        const int r = rh / heads, h = rh % heads;
+        const float* q = qkv + size_t(r) * 3 * C + h * dim;
+        const uint16_t* k = keys + size_t(rh) * capacity * dim;
+        const uint16_t* v = values + size_t(rh) * capacity * dim;
+        float* out = attended + size_t(r) * lda + h * dim;
+        switch (dim) {  // the head sizes of GPT-2 configs; any other in scalars
+            case 32: attend_in_vectors<1>(q, k, v, length, scale, scores.data(), out); break;
+            case 64: attend_in_vectors<2>(q, k, v, length, scale, scores.data(), out); break;
+            case 128: attend_in_vectors<4>(q, k, v, length, scale, scores.data(), out); break;
+            default: attend_in_scalars(q, k, v, dim, length, scale, scores.data(), out);
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int gpt2_decode_pair_dot_in_bf16() {
+#ifdef DOT_PAIRS_IN_BF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// hidden [rows][C]: each row's token and position embedding, on return the last block's output (fp32).
+// params, per layer: ln_1 weight, bias, c_attn packed, bias, attn c_proj packed, bias, ln_2 weight, bias, c_fc packed,
+// bias, mlp c_proj packed, bias; then ln_f weight, bias, the output layer packed, its bias (or null).
+// caches, per layer: keys, values [rows][heads][capacity][C / heads] bf16, `cached` positions filled.
+// logits: [rows][vocab].
+void gpt2_decode_step(int rows, int layers, int C, int heads, int inner, int vocab, int cached, int capacity,
+                      int threads, int activation, float eps, const float* scales, const void* const* params,
+                      void* const* caches, float* hidden, float* logits) {
+    thread_local Workspace ws;
+    const int ldc = C + C % 2, ldi = inner + inner % 2;
+    ws.normed.resize(size_t(rows) * std::max(ldc, ldi));
+    ws.qkv.resize(size_t(rows) * 3 * C);
+    ws.attended.resize(size_t(rows) * ldc);
+    ws.inner.resize(size_t(rows) * ldi);
+    for (int r = 0; r < rows; ++r) {  // the padding of an odd width multiplies the zero weights packed past it
+        if (ldc != C) ws.attended[size_t(r) * ldc + C] = 0.0f;
+        if (ldi != inner) ws.inner[size_t(r) * ldi + inner] = 0.0f;
+    }
+    auto f = [&](int i) { return static_cast<const float*>(params[i]); };
+    auto w = [&](int i, int in, int out) { return Linear{static_cast<const uint32_t*>(params[i]), f(i + 1), in, out}; };
+    for (int l = 0; l < layers; ++l) {
+        const int p = 12 * l;
+        layer_norm(rows, C, hidden, f(p), f(p + 1), eps, ws.normed.data(), ldc);
+        linear(w(p + 2, C, 3 * C), rows, ws.normed.data(), ldc, ws.input, ws.qkv.data(), 3 * C, -1, false, threads);
+        attention(rows, heads, C / heads, cached + 1, capacity, ws.qkv.data(), static_cast<uint16_t*>(caches[2 * l]),
+                  static_cast<uint16_t*>(caches[2 * l + 1]), scales[l], ws.attended.data(), ldc, threads);
+        linear(w(p + 4, C, C), rows, ws.attended.data(), ldc, ws.input, hidden, C, -1, true, threads);
+        layer_norm(rows, C, hidden, f(p + 6), f(p + 7), eps, ws.normed.data(), ldc);
+        linear(w(p + 8, C, inner), rows, ws.normed.data(), ldc, ws.input, ws.inner.data(), ldi, activation, false,
+               threads);
+        linear(w(p + 10, inner, C), rows, ws.inner.data(), ldi, ws.input, hidden, C, -1, true, threads);
+    }
+    const int p = 12 * layers;
+    layer_norm(rows, C, hidden, f(p), f(p + 1), eps, ws.normed.data(), ldc);
+    linear(w(p + 2, C, vocab), rows, ws.normed.data(), ldc, ws.input, logits, vocab, -1, false, threads);
+}
+
+}  // extern "C"
