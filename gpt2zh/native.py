@@ -17,7 +17,7 @@ from .errors import UserError
 from .kernel_trials import choices_file
 
 SOURCE = Path(__file__).with_name("decode_step.cpp")
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-Wno-psabi"]
 ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "relu": 1}  # decode_step.cpp's Activation
 
 
@@ -48,8 +48,9 @@ def library():
         built = subprocess.run([command, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
         if built.returncode != 0:
             partial.unlink(missing_ok=True)
-            first_line = (built.stderr.strip().splitlines() or ["(no message)"])[0][:200]
-            raise UserError(f"`{command}` could not build {SOURCE.name}: {first_line}")
+            lines = built.stderr.strip().splitlines() or ["(no message)"]
+            first_error = next((line for line in lines if "error" in line), lines[0])[:200]
+            raise UserError(f"`{command}` could not build {SOURCE.name}: {first_error}")
         os.replace(partial, path)
     lib = ctypes.CDLL(str(path))
     c_int, c_float, pointer = ctypes.c_int, ctypes.c_float, ctypes.c_void_p

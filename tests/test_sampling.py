@@ -201,3 +201,24 @@ def test_a_writer_chooses_a_kernel_for_each_number_of_rows_it_writes(trained, tm
     forced = Writer(trained / "model" / "final_model", kernel="fp32-matmul", say=said.append)
     forced.write([4, 100], 5, 2, processors, seed=0)
     assert {step.kernel.name for step in forced.steps.values()} == {"fp32-matmul"}
+
+
+def test_a_compiler_that_fails_is_named_with_its_first_error(tmp_path, monkeypatch):
+    """A compiler that cannot build the C++ step (an old one, a missing OpenMP): the message names it and its first
+    error line, not a note printed before it; nothing half-built is left to load next time."""
+    from gpt2zh import native
+    from gpt2zh.errors import UserError
+
+    compiler = tmp_path / "old-c++"
+    compiler.write_text("#!/bin/sh\necho 'cc1plus: note: something first' >&2\n"
+                        "echo 'decode_step.cpp:1: error: unrecognized -fopenmp' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"could not build decode_step.cpp: decode_step.cpp:1: error: unrecognized"):
+            native.library()
+    finally:
+        native.library.cache_clear()
+    assert not list((tmp_path / "cache").rglob("*.so")) and not list((tmp_path / "cache").rglob("*.tmp"))
