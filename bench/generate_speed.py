@@ -5,16 +5,19 @@ original-style loop, all measured in one run.
 - The sampling kernels' step times at each run's shape (10 rows or 1, 512 cached tokens), measured now as
   generate.py's trial measures them, and the fastest (what generate.py picks) used for the run.
 - The reference command (10 samples x 1000 new tokens, one batch) and one sample of 1000 tokens (a user at a
-  terminal or a web page), --repeats runs each, each as a fraction of its roofline: the bytes a step must read at
+  terminal or a web page), --repeats runs each, as a fraction of its roofline: the bytes a step must read at
   least (bf16 weights, the output layer included, + a bf16 cache of the tokens so far), summed over the run, over
-  the bandwidth read just before and after it (the higher of the two). The kernel's set-up (compiling) happens in
-  the trial, before the runs.
+  the bandwidth read before, between and after the runs: x.sum() over a fresh 1 GiB (median, highest) and over the
+  weights the step streams (median); and of the roofline of bandwidth and bf16 matmul peak together (two FLOPs per
+  weight and row). The kernel's set-up (compiling) happens
+  in the trial, before the runs.
 - Original style: batch 1, no cache, fp32, timed for --original_tokens tokens at a context of 500 and stated per token.
 Run from the project root: python bench/generate_speed.py
 """
 import argparse
 import sys
 import time
+from statistics import median
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, matmul_peak, read_bandwidth  # noqa: E402
+from gpt2zh import native  # noqa: E402
 from gpt2zh.devices import bf16_supported  # noqa: E402
 from gpt2zh.model import build_model, count_parameters, load_config  # noqa: E402
 from gpt2zh.sampling import decode_step, kernel_candidates, make_logits_processors, measure_kernels, sample  # noqa: E402
@@ -39,6 +43,22 @@ def roofline(model, rows, prefix, length):
     return length * 2 * weights + 2 * cache_elements, length * 2 * rows * weights + 2 * cache_elements
 
 
+def own_weights_bandwidth(step, model, repeats=3):
+    """Bytes a second x.sum() reads over the weights the step streams (the C++ step's packed copies, else the
+    model's): on a VM the speed of memory depends on where the pages landed, fixed for the process's lifetime."""
+    weights = [t for t in getattr(step, "params", []) if t is not None and t.dtype == torch.bfloat16]
+    weights = weights or [p.detach() for p in model.parameters() if p.dim() == 2]
+    # read as fp32 words (the same bytes): a bf16 sum would convert every value and could be bound by that instead
+    weights = [t.reshape(-1).view(torch.float32) if t.element_size() == 2 and t.numel() % 2 == 0 else t for t in weights]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for tensor in weights:
+            tensor.sum()
+        best = min(best, time.perf_counter() - start)
+    return sum(t.numel() * t.element_size() for t in weights) / best
+
+
 def timed_run(model, step, rows, prefix, length, processors, n_ctx):
     start = time.perf_counter()
     sample(model, prefix, length, rows, processors, n_ctx, step=step)
@@ -53,7 +73,7 @@ def main():
     parser.add_argument("--original_tokens", type=int, default=20)
     parser.add_argument("--sampling_kernel", default="auto", help="as generate.py's")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="runs of each command, each against the bandwidth read around it; the median fraction reported")
+                        help="runs of each command, with the bandwidth read before, between and after them")
     args = parser.parse_args()
     config = load_config(args.model_config)
     print(f"machine: {machine()}")
@@ -75,24 +95,33 @@ def main():
               f"{config.n_ctx} steps): " + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in timings.items())
               + f" -> {chosen}")
         step = decode_step(model, kernel_candidates(model)[chosen], rows)
+        if chosen.endswith("-cpp"):
+            print(f"  {chosen}: {native.arithmetic()}")
         needed, flops = roofline(model, rows, len(prefix), args.length)
-        # The bandwidth of this shared machine moves with its neighbours' work (28-65 GB/s seen within minutes), so
-        # it is read again between runs, and each run is held against the higher of the readings around it.
-        readings, runs = [read_bandwidth(repeats=3)], []
+        # x.sum() over a fresh 1 GiB reads ~33 GB/s on this VM most of the time and 55-65 GB/s at other moments (which
+        # a C++ streaming loop run at the same moment mostly does not see); the bytes the step itself streams, its
+        # weights, read at a speed fixed by where they landed. So the bandwidth is read three ways, before, between
+        # and after the runs: fresh 1 GiB (median and highest) and x.sum() over the step's own weights.
+        readings, own, runs = [read_bandwidth(repeats=3)], [own_weights_bandwidth(step, model)], []
         for _ in range(args.repeats):
             runs.append(timed_run(model, step, rows, prefix, args.length, processors, config.n_ctx))
             readings.append(read_bandwidth(repeats=3))
-        fractions = [needed / max(readings[i], readings[i + 1]) / seconds for i, seconds in enumerate(runs)]
-        print(f"{what} ({rows} x {args.length} tokens, {dtype}, {needed / 1e9:.0f} GB to read): " + ", ".join(
-            f"{seconds:.1f} s at {max(readings[i], readings[i + 1]) / 1e9:.0f} GB/s -> {100 * fraction:.0f}%"
-            for i, (seconds, fraction) in enumerate(zip(runs, fractions))) +
-            f"; median {100 * sorted(fractions)[len(fractions) // 2]:.0f}% of the bandwidth roofline "
-            f"({rows * args.length / min(runs):,.0f} tokens/s at best)")
+            own.append(own_weights_bandwidth(step, model))
+        typical, top, own_typical, median_run = median(readings), max(readings), median(own), median(runs)
+        print(f"{what} ({rows} x {args.length} tokens, {dtype}, {needed / 1e9:.0f} GB to read): runs "
+              + ", ".join(f"{seconds:.1f}" for seconds in runs) + f" s ({rows * args.length / min(runs):,.0f} tokens/s "
+              f"at best)")
+        print("  bandwidth: fresh 1 GiB " + ", ".join(f"{reading / 1e9:.0f}" for reading in readings)
+              + " GB/s; the step's own weights " + ", ".join(f"{reading / 1e9:.0f}" for reading in own) + " GB/s")
+        print(f"  of the bandwidth roofline, median run: {100 * needed / own_typical / median_run:.0f}% against the "
+              f"own weights' median ({own_typical / 1e9:.0f} GB/s), {100 * needed / typical / median_run:.0f}% against "
+              f"fresh 1 GiB's median ({typical / 1e9:.0f}), {100 * needed / top / median_run:.0f}% against the highest "
+              f"({top / 1e9:.0f})")
         # With several rows the products, not the reading, can bound a step on a CPU with few cores
-        floor = max(needed / max(readings), flops / peaks["bf16"])
-        print(f"  {flops / 1e12:.2f} TFLOP: {flops / peaks['bf16']:.1f} s at the bf16 peak; the fastest run is "
-              f"{100 * floor / min(runs):.0f}% of the roofline of bandwidth and bf16 peak together "
-              f"({floor:.1f} s at the highest reading)")
+        floor = max(needed / max(typical, own_typical), flops / peaks["bf16"])
+        print(f"  {flops / 1e12:.2f} TFLOP, {flops / peaks['bf16']:.1f} s at the bf16 peak: the median run is "
+              f"{100 * floor / median_run:.0f}% of the roofline of bandwidth (the higher median) and bf16 peak "
+              f"together ({floor:.1f} s)")
         seconds = min(runs)
         if rows == args.nsamples:
             reference_seconds = seconds

@@ -258,14 +258,6 @@ inline four lanes_sums(floats a, floats b, floats c, floats d) {
     return __builtin_shufflevector(halves, halves, 0, 2, 4, 6) + __builtin_shufflevector(halves, halves, 1, 3, 5, 7);
 }
 
-inline void softmax(float* scores, int length, float scale) {
-    float top = -INFINITY;
-    for (int t = 0; t < length; ++t) top = std::max(top, scores[t] * scale);
-    for (int t = 0; t < length; ++t) scores[t] = exp_approx(scores[t] * scale - top);
-    const float total = sum_of(length, [&](int t) { return scores[t]; });
-    for (int t = 0; t < length; ++t) scores[t] /= total;
-}
-
 inline void load_pairs(const uint16_t* p, floats& even, floats& odd) {  // 32 bf16 values: the even and odd ones
     words w;
     std::memcpy(&w, p, sizeof(w));
@@ -275,16 +267,17 @@ inline void load_pairs(const uint16_t* p, floats& even, floats& odd) {  // 32 bf
 
 // One query over `length` keys and values (bf16 rows of 32 * PAIRS), in whole vectors kept in registers. The
 // cache's bf16 values become floats two vectors at a time, the even and the odd ones of 32 (a mask and a shift:
-// a third fewer operations than widening them in order), with the query split the same way.
+// a third fewer operations than widening them in order), with the query split the same way. One pass, a block of
+// keys then the same block of values, with the softmax's running maximum (the sums so far rescaled when it grows):
+// the keys and values stream side by side, where two passes read each alone.
 template <int PAIRS>
-void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int length, float scale, float* scores,
-                       float* out) {
-    constexpr int dim = 32 * PAIRS;
+void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int length, float scale, float* out) {
+    constexpr int dim = 32 * PAIRS, BLOCK = 64;
     floats query[PAIRS][2];  // [32 dims][even, odd]
     for (int c = 0; c < PAIRS; ++c)
         for (int j = 0; j < 16; ++j) {
-            query[c][0][j] = q[32 * c + 2 * j];
-            query[c][1][j] = q[32 * c + 2 * j + 1];
+            query[c][0][j] = q[32 * c + 2 * j] * scale;
+            query[c][1][j] = q[32 * c + 2 * j + 1] * scale;
         }
     auto dot = [&](int t) {  // query . key t, still in 16 lanes
         floats even_sum = {}, odd_sum = {}, even, odd;
@@ -295,44 +288,65 @@ void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int
         }
         return even_sum + odd_sum;
     };
-    int t = 0;
-    for (; t + 4 <= length; t += 4) {
-        const four sums = lanes_sums(dot(t), dot(t + 1), dot(t + 2), dot(t + 3));
-        std::memcpy(scores + t, &sums, sizeof(sums));
-    }
-    for (; t < length; ++t) scores[t] = lanes_sum(dot(t));
-    softmax(scores, length, scale);
     floats sums[2][PAIRS][2] = {};  // two positions at a time: the adds of one do not wait on the other's
-    auto add_value = [&](int t, int u) {
+    auto add_value = [&](int t, int u, float weight) {
         floats even, odd;
         for (int c = 0; c < PAIRS; ++c) {
             load_pairs(v + size_t(t) * dim + 32 * c, even, odd);
-            sums[u][c][0] += scores[t] * even;
-            sums[u][c][1] += scores[t] * odd;
+            sums[u][c][0] += weight * even;
+            sums[u][c][1] += weight * odd;
         }
     };
-    for (t = 0; t + 2 <= length; t += 2) {
-        add_value(t, 0);
-        add_value(t + 1, 1);
+    float top = -INFINITY, total = 0.0f, weights[BLOCK];
+    for (int start = 0; start < length; start += BLOCK) {
+        const int n = std::min(BLOCK, length - start);
+        int t = 0;
+        for (; t + 4 <= n; t += 4) {
+            const four block = lanes_sums(dot(start + t), dot(start + t + 1), dot(start + t + 2), dot(start + t + 3));
+            std::memcpy(weights + t, &block, sizeof(block));
+        }
+        for (; t < n; ++t) weights[t] = lanes_sum(dot(start + t));
+        float block_top = -INFINITY;
+        for (t = 0; t < n; ++t) block_top = std::max(block_top, weights[t]);
+        if (block_top > top) {  // the sums so far were weighted against a lower maximum
+            const float shrink = exp_approx(top - block_top);
+            total *= shrink;
+            for (auto& position : sums)
+                for (auto& chunk : position)
+                    for (auto& half : chunk) half *= shrink;
+            top = block_top;
+        }
+        for (t = 0; t < n; ++t) weights[t] = exp_approx(weights[t] - top);
+        total += sum_of(n, [&](int i) { return weights[i]; });
+        for (t = 0; t + 2 <= n; t += 2) {
+            add_value(start + t, 0, weights[t]);
+            add_value(start + t + 1, 1, weights[t + 1]);
+        }
+        if (t < n) add_value(start + t, 0, weights[t]);
     }
-    if (t < length) add_value(t, 0);
     for (int c = 0; c < PAIRS; ++c)
         for (int j = 0; j < 16; ++j) {
-            out[32 * c + 2 * j] = sums[0][c][0][j] + sums[1][c][0][j];
-            out[32 * c + 2 * j + 1] = sums[0][c][1][j] + sums[1][c][1][j];
+            out[32 * c + 2 * j] = (sums[0][c][0][j] + sums[1][c][0][j]) / total;
+            out[32 * c + 2 * j + 1] = (sums[0][c][1][j] + sums[1][c][1][j]) / total;
         }
 }
 
 void attend_in_scalars(const float* q, const uint16_t* k, const uint16_t* v, int dim, int length, float scale,
-                       float* scores, float* out) {
+                       float* out) {
+    thread_local std::vector<float> scores;
+    scores.resize(length);
+    float top = -INFINITY;
     for (int t = 0; t < length; ++t) {
         const uint16_t* key = k + size_t(t) * dim;
-        scores[t] = sum_of(dim, [&](int d) { return q[d] * bf16_to_float(key[d]); });
+        scores[t] = scale * sum_of(dim, [&](int d) { return q[d] * bf16_to_float(key[d]); });
+        top = std::max(top, scores[t]);
     }
-    softmax(scores, length, scale);
+    for (int t = 0; t < length; ++t) scores[t] = exp_approx(scores[t] - top);
+    const float total = sum_of(length, [&](int t) { return scores[t]; });
     for (int d = 0; d < dim; ++d) out[d] = 0.0f;
     for (int t = 0; t < length; ++t)
         for (int d = 0; d < dim; ++d) out[d] += scores[t] * bf16_to_float(v[size_t(t) * dim + d]);
+    for (int d = 0; d < dim; ++d) out[d] /= total;
 }
 
 // Each row's newest query over its `length` cached keys (the newest written here first): attended [rows][lda]
@@ -349,18 +363,16 @@ void attention(int rows, int heads, int dim, int length, int capacity, const flo
         }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int rh = 0; rh < rows * heads; ++rh) {
-        thread_local std::vector<float> scores;
-        scores.resize(length);
         const int r = rh / heads, h = rh % heads;
         const float* q = qkv + size_t(r) * 3 * C + h * dim;
         const uint16_t* k = keys + size_t(rh) * capacity * dim;
         const uint16_t* v = values + size_t(rh) * capacity * dim;
         float* out = attended + size_t(r) * lda + h * dim;
         switch (dim) {  // the head sizes of GPT-2 configs; any other in scalars
-            case 32: attend_in_vectors<1>(q, k, v, length, scale, scores.data(), out); break;
-            case 64: attend_in_vectors<2>(q, k, v, length, scale, scores.data(), out); break;
-            case 128: attend_in_vectors<4>(q, k, v, length, scale, scores.data(), out); break;
-            default: attend_in_scalars(q, k, v, dim, length, scale, scores.data(), out);
+            case 32: attend_in_vectors<1>(q, k, v, length, scale, out); break;
+            case 64: attend_in_vectors<2>(q, k, v, length, scale, out); break;
+            case 128: attend_in_vectors<4>(q, k, v, length, scale, out); break;
+            default: attend_in_scalars(q, k, v, dim, length, scale, out);
         }
     }
 }

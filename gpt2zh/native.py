@@ -60,6 +60,13 @@ def library():
     return lib
 
 
+def arithmetic():
+    """How the built step multiplies on this CPU (for benchmarks' reports)."""
+    if library().gpt2_decode_pair_dot_in_bf16():
+        return "AVX512-BF16 pair dot products"
+    return "fp32 vectors (no AVX512-BF16)"
+
+
 def pack(weight):
     """A weight [in, out] as decode_step.cpp reads it: bf16 [tiles of 16 outputs, input pairs, 16, 2], zero-padded
     to an even number of inputs and whole tiles."""

@@ -116,9 +116,9 @@ def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_bloc
         tmp_path, monkeypatch):
     """The C++ step attends in vectors for heads of 32, 64 and 128 and in scalars otherwise (here 7); it pads odd
     widths (n_embd 21, n_inner 45, vocab 50: not whole tiles of 16) and takes rows in blocks: 17 rows cross a
-    block. With attention scaled by the inverse layer index, caches of 7 to 12 tokens (every remainder of its
-    loops over 4 and 2 keys) and both activations it computes, against the model's fp32 forward within 3% of the
-    logits' range."""
+    block. With attention scaled by the inverse layer index, caches of 135 to 140 tokens (blocks of 64 keys whose
+    running maximum grows, and every remainder of its loops over 4 and 2 keys) and both activations it computes,
+    against the model's fp32 forward within 3% of the logits' range."""
     import copy
 
     from gpt2zh.sampling import decode_step, kernel_candidates, preallocated_cache
@@ -128,24 +128,24 @@ def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_bloc
               (128, 1, None, "relu")]  # n_embd, n_head, n_inner, activation: heads of 7, 32, 64, 128
     for n_embd, n_head, n_inner, activation in shapes:
         torch.manual_seed(0)
-        config = GPT2Config(vocab_size=50, n_positions=32, n_embd=n_embd, n_head=n_head, n_inner=n_inner, n_layer=2,
+        config = GPT2Config(vocab_size=50, n_positions=160, n_embd=n_embd, n_head=n_head, n_inner=n_inner, n_layer=2,
                             activation_function=activation, scale_attn_by_inverse_layer_idx=True)
         reference_model = GPT2LMHeadModel(config).eval()
         with torch.no_grad():
             for parameter in reference_model.parameters():
                 parameter.add_(torch.randn_like(parameter) * 0.1)
-        sequence = torch.randint(0, 50, (17, 12))
+        sequence = torch.randint(0, 50, (17, 140))
         with torch.no_grad():
-            reference = reference_model(input_ids=sequence).logits[:, 5:]
+            reference = reference_model(input_ids=sequence).logits[:, 133:]
         model = copy.deepcopy(reference_model).to(torch.bfloat16)
         step = decode_step(model, kernel_candidates(model)["bf16-cpp"])
-        cache = preallocated_cache(model, 16)
+        cache = preallocated_cache(model, 144)
         with torch.no_grad():
-            logits = [model(input_ids=sequence[:, :6], cache=cache, use_cache=True).logits[:, -1]]
-        logits += [step(sequence[:, position], cache) for position in range(6, 12)]
+            logits = [model(input_ids=sequence[:, :134], cache=cache, use_cache=True).logits[:, -1]]
+        logits += [step(sequence[:, position], cache) for position in range(134, 140)]
         error = (torch.stack(logits, dim=1).float() - reference).abs().max() / reference.abs().max()
         assert error < 0.03, (n_embd, n_head, activation, error.item())
-        assert cache.get_seq_length() == 12
+        assert cache.get_seq_length() == 140
 
 
 def test_without_a_working_compiler_the_compiled_kernels_are_left_out_and_asking_for_them_is_explained(tmp_path):
