@@ -201,6 +201,10 @@ def test_a_writer_chooses_a_kernel_for_each_number_of_rows_it_writes(trained, tm
     forced = Writer(trained / "model" / "final_model", kernel="fp32-matmul", say=said.append)
     forced.write([4, 100], 5, 2, processors, seed=0)
     assert {step.kernel.name for step in forced.steps.values()} == {"fp32-matmul"}
+    if writer.model.dtype == torch.bfloat16:  # the C++ step computes bf16 weights, which CPUs with bf16 get
+        native = Writer(trained / "model" / "final_model", kernel="bf16-cpp", say=said.append)
+        native.write([4, 100], 5, 2, processors, seed=0)
+        assert native.steps[1] is native.steps[2]  # one copy of the packed weights for every number of rows
 
 
 def test_a_compiler_that_fails_is_named_with_its_first_error(tmp_path, monkeypatch):
