@@ -49,7 +49,8 @@ def own_weights_bandwidth(step, model, repeats=3):
     weights = [t for t in getattr(step, "params", []) if t is not None and t.dtype == torch.bfloat16]
     weights = weights or [p.detach() for p in model.parameters() if p.dim() == 2]
     # read as fp32 words (the same bytes): a bf16 sum would convert every value and could be bound by that instead
-    weights = [t.reshape(-1).view(torch.float32) if t.element_size() == 2 and t.numel() % 2 == 0 else t for t in weights]
+    weights = [t.reshape(-1).view(torch.float32) if t.element_size() == 2 and t.numel() % 2 == 0 else t
+               for t in weights]
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

@@ -234,28 +234,33 @@ void layer_norm(int rows, int n, const float* x, const float* weight, const floa
 }
 
 
-typedef float eight __attribute__((vector_size(32)));
-typedef float four __attribute__((vector_size(16)));
+// lanes of two vectors picked by index (0-15 the first's, 16-31 the second's): GCC's and clang's builtin
+#if defined(__clang__)
+#define PICK(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define PICK(a, b, ...) __builtin_shuffle(a, b, words{__VA_ARGS__})
+#endif
 
 inline float lanes_sum(floats v) {  // halving in registers
-    const eight a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    const four b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
+    v += PICK(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += PICK(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += PICK(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+    return v[0] + v[1];
 }
 
-// the lane sums of four vectors, together: a quarter of the shuffles of four lanes_sum
-inline four lanes_sums(floats a, floats b, floats c, floats d) {
-    const floats ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                      __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    const floats cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                      __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+// the lane sums of four vectors in the first four lanes, together: a quarter of the shuffles of four lanes_sum
+inline floats lanes_sums(floats a, floats b, floats c, floats d) {
+    const floats ab = PICK(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                      PICK(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const floats cd = PICK(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                      PICK(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     // ab, cd: 8 partial sums of each vector; then 4, 2, 1
-    const floats quarters = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-                            __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    const eight halves = __builtin_shufflevector(quarters, quarters, 0, 2, 4, 6, 8, 10, 12, 14) +
-                         __builtin_shufflevector(quarters, quarters, 1, 3, 5, 7, 9, 11, 13, 15);
-    return __builtin_shufflevector(halves, halves, 0, 2, 4, 6) + __builtin_shufflevector(halves, halves, 1, 3, 5, 7);
+    const floats quarters = PICK(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                            PICK(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    const floats halves = PICK(quarters, quarters, 0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14) +
+                          PICK(quarters, quarters, 1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15);
+    return PICK(halves, halves, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6) +
+           PICK(halves, halves, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7);
 }
 
 inline void load_pairs(const uint16_t* p, floats& even, floats& odd) {  // 32 bf16 values: the even and odd ones
@@ -302,8 +307,8 @@ void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int
         const int n = std::min(BLOCK, length - start);
         int t = 0;
         for (; t + 4 <= n; t += 4) {
-            const four block = lanes_sums(dot(start + t), dot(start + t + 1), dot(start + t + 2), dot(start + t + 3));
-            std::memcpy(weights + t, &block, sizeof(block));
+            const floats block = lanes_sums(dot(start + t), dot(start + t + 1), dot(start + t + 2), dot(start + t + 3));
+            std::memcpy(weights + t, &block, 4 * sizeof(float));
         }
         for (; t < n; ++t) weights[t] = lanes_sum(dot(start + t));
         float block_top = -INFINITY;

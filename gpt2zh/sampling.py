@@ -433,8 +433,11 @@ class Writer:
             chosen = (choose_kernel(self.model, rows, self.n_ctx // 2, self.kernel, self.say)
                       if self.device.type == "cpu" else None)
             # the C++ step takes any number of rows: one copy of its packed weights serves them all
-            shared = [step for step in self.steps.values() if chosen and chosen.linear == "cpp" and step.kernel == chosen]
-            self.steps[rows] = shared[0] if shared else decode_step(self.model, chosen, rows)
+            shared = [step for step in self.steps.values() if step.kernel == chosen]
+            if chosen and chosen.linear == "cpp" and shared:
+                self.steps[rows] = shared[0]
+            else:
+                self.steps[rows] = decode_step(self.model, chosen, rows)
         return self.steps[rows]
 
     def processors(self, temperature, top_k, top_p, repetition_penalty):
