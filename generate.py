@@ -38,8 +38,9 @@ def parse_args(argv=None):
     # Additions.
     p.add_argument("--seed", type=int, default=None, help="random seed (printed when not given)")
     p.add_argument("--sampling_kernel", default="auto",
-                   help="how a sampling step runs on CPU (cache dtype, attention, packed linear layers): auto measures "
-                        "the candidates once on this machine and remembers the fastest; a name forces one")
+                   help="how a sampling step runs on CPU (cache dtype, attention, packed linear layers, or bf16-cpp: the "
+                        "whole step in C++, built once per machine): auto measures the candidates once on this machine "
+                        "and remembers the fastest; a name forces one")
     p.add_argument("--interactive", action="store_true",
                    help="load the model once, then continue each beginning typed at the prompt (an empty line or "
                         "Ctrl-D ends); --prefix is not used")
