@@ -126,6 +126,7 @@ def main():
         done = 0
         while done < args.nsamples:
             rows = min(batch_size, args.nsamples - done)
+            writer.decode_step(rows)  # a kernel trial for this many rows says its line before the text starts
             if rows == 1:  # one sample in flight: its text appears as it is sampled
                 print(sample_header(generated + 1))
                 stream = TextStream(tokenizer, prefix_ids)
