@@ -111,7 +111,7 @@ using InputWord = std::conditional_t<PER_ROW == 1, uint32_t, float>;
 
 void interleave(int rows, int pairs, const float* x, int ldx, std::vector<InputWord>& out) {
     const int blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-    out.assign(size_t(blocks) * pairs * ROW_BLOCK * PER_ROW, InputWord(0));
+    out.resize(size_t(blocks) * pairs * ROW_BLOCK * PER_ROW);  // a block's unused rows are never read
     for (int r = 0; r < rows; ++r) {
         InputWord* block = out.data() + size_t(r / ROW_BLOCK) * pairs * ROW_BLOCK * PER_ROW;
         for (int p = 0; p < pairs; ++p) {

@@ -85,6 +85,19 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def attention_scale(config, layer_index):
+    """The factor GPT-2 scales layer `layer_index`'s attention scores by."""
+    scale = (config.n_embd // config.n_head) ** -0.5 if config.scale_attn_weights else 1.0
+    return scale / (layer_index + 1) if config.scale_attn_by_inverse_layer_idx else scale
+
+
+def weight_out_in(layer):
+    """A linear layer's weight as [out, in]: GPT-2's Conv1D keeps it as [in, out], nn.Linear as [out, in]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+
+
 def dropout_mask(shape, p):
     """A Bernoulli keep-mask drawn from 16 random bits an element (half the bits of torch.rand's
     draws), and the exact keep probability it realises."""

@@ -15,6 +15,7 @@ import torch
 from .devices import cpu_name
 from .errors import UserError
 from .kernel_trials import choices_file
+from .model import attention_scale, weight_out_in
 
 SOURCE = Path(__file__).with_name("decode_step.cpp")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-Wno-psabi"]
@@ -82,8 +83,6 @@ class NativeDecodeStep:
     softmax and sums in fp32, a bf16 cache, bf16 copies of the weights packed for streaming."""
 
     def __init__(self, model, kernel):
-        from transformers.pytorch_utils import Conv1D
-
         if not supports(model):
             raise UserError(f"sampling kernel {kernel.name}: computes GPT-2s with bf16 weights on the CPU and "
                             f"activation {', '.join(ACTIVATIONS)}; --sampling_kernel chooses another")
@@ -98,17 +97,15 @@ class NativeDecodeStep:
         def fp32(tensor):
             return tensor.detach().float().contiguous()
 
-        def linear(layer):  # Conv1D's weight is [in, out], nn.Linear's [out, in]
-            weight = layer.weight if isinstance(layer, Conv1D) else layer.weight.t()
-            return [pack(weight), fp32(layer.bias) if layer.bias is not None else None]
+        def linear(layer):
+            return [pack(weight_out_in(layer).t()), fp32(layer.bias) if layer.bias is not None else None]
 
-        params, scales = [], []
-        for index, block in enumerate(transformer.h):
+        params = []
+        for block in transformer.h:
             params += [fp32(block.ln_1.weight), fp32(block.ln_1.bias), *linear(block.attn.c_attn),
                        *linear(block.attn.c_proj), fp32(block.ln_2.weight), fp32(block.ln_2.bias),
                        *linear(block.mlp.c_fc), *linear(block.mlp.c_proj)]
-            scale = (config.n_embd // config.n_head) ** -0.5 if config.scale_attn_weights else 1.0
-            scales.append(scale / (index + 1) if config.scale_attn_by_inverse_layer_idx else scale)
+        scales = [attention_scale(config, index) for index in range(config.n_layer)]
         params += [fp32(transformer.ln_f.weight), fp32(transformer.ln_f.bias), *linear(model.lm_head)]
         self.params = params  # kept: the pointers below point into them
         self.pointers = (ctypes.c_void_p * len(params))(*(p.data_ptr() if p is not None else None for p in params))

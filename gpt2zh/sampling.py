@@ -12,7 +12,7 @@ from .articles import ARTICLE_END
 from .checkpoints import load_model_folder
 from .devices import autocast_dtype
 from .errors import UserError
-from .model import context_length
+from .model import attention_scale, context_length, weight_out_in
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -158,11 +158,8 @@ def default_kernel(model):
 def decode_linears(model, kind, rows):
     """The model's linear layers as the kernel `kind` computes them: (c_attn, c_proj, c_fc, mlp c_proj) of each
     block, then the output layer."""
-    from transformers.pytorch_utils import Conv1D
-
     def linear(layer):
-        weight = layer.weight.t() if isinstance(layer, Conv1D) else layer.weight  # Conv1D's weight: [in, out]
-        return linear_layer(weight, layer.bias, kind, rows)
+        return linear_layer(weight_out_in(layer), layer.bias, kind, rows)
 
     blocks = [tuple(map(linear, (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)))
               for block in model.transformer.h]
@@ -204,11 +201,8 @@ class DecodeStep:
         self.ln_f = layer_norm(transformer.ln_f)
         self.blocks = []
         for index, (block, (c_attn, c_proj, c_fc, mlp_proj)) in enumerate(zip(transformer.h, block_linears)):
-            scale = (config.n_embd // config.n_head) ** -0.5 if config.scale_attn_weights else 1.0
-            if config.scale_attn_by_inverse_layer_idx:
-                scale /= index + 1
             self.blocks.append((layer_norm(block.ln_1), c_attn, c_proj, layer_norm(block.ln_2), c_fc,
-                                block.mlp.act.forward, mlp_proj, scale))
+                                block.mlp.act.forward, mlp_proj, attention_scale(config, index)))
 
     def check_fused(self, model):
         """Compile the fused attention now, on a small cache: where torch.compile cannot (no working C++
