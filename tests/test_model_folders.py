@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from conftest import run, train_args
 from foreign_folders import greedy_text, write_hugging_face_folder, write_original_folder
@@ -131,3 +132,39 @@ def test_our_folder_with_plain_transformers_continues_like_generate_py(trained):
     out = run("generate.py", "--device", "cpu", "--precision", "fp32", "--topk", "1", "--length", "20", "--nsamples",
               "1", "--stop_at_end", "--prefix", prefix, "--seed", "0", cwd=trained).stdout
     assert sample_text(out + "\n") == ids_to_text(tokenizer, plain)
+
+
+def test_folders_of_the_original_and_the_hugging_face_layout_sample_alike_through_every_kernel(tmp_path, monkeypatch):
+    """An original GPT2-Chinese folder (transformers 2.x config and state dict) and a Hugging Face one, loaded as
+    generate.py loads them (the same logits as the written model), then every weight moved by noise so that no layer
+    is negligible, cast to bf16: every sampling kernel the trial can pick on this machine — the C++ step included —
+    continues a sequence with the logits of that model's fp32 forward, within 3% of their range."""
+    import copy
+
+    from gpt2zh.checkpoints import load_model_folder
+    from gpt2zh.sampling import decode_step, kernel_candidates, preallocated_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    written = {"original": write_original_folder(tmp_path / "original", tmp_path / "vocab.txt")[0],
+               "hugging face": write_hugging_face_folder(tmp_path / "hf")[0]}
+    folders = {"original": (tmp_path / "original", tmp_path / "vocab.txt"), "hugging face": (tmp_path / "hf", None)}
+    sequence = torch.tensor([[110, 120, 130, 140, 150, 160, 170, 180, 190, 200]] * 2)
+    for layout, (folder, vocabulary) in folders.items():
+        loaded = load_model_folder(folder, vocabulary)[0].eval()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            assert torch.allclose(loaded(input_ids=sequence[:1]).logits, written[layout](input_ids=sequence[:1]).logits)
+            for parameter in loaded.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+            reference = loaded(input_ids=sequence[:1]).logits[0, 5:]
+        model = copy.deepcopy(loaded).to(torch.bfloat16)
+        candidates = kernel_candidates(model)
+        assert "bf16-cpp" in candidates
+        for name, kernel in candidates.items():
+            step = decode_step(model, kernel, rows=2)
+            cache = preallocated_cache(model, 16, kernel.cache_dtype)
+            with torch.no_grad():
+                logits = [model(input_ids=sequence[:, :6], cache=cache, use_cache=True).logits[:, -1]]
+                logits += [step(sequence[:, position], cache) for position in range(6, 10)]
+            error = (torch.stack(logits, dim=1).float() - reference).abs().max() / (reference.max() - reference.min())
+            assert error < 0.03, (layout, name, error.item())
