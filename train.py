@@ -1,6 +1,7 @@
 """Train a GPT-2 from zero on data/train.json (the GPT2-Chinese train.py, with its flags)."""
 import argparse
 import sys
+import time
 
 from gpt2zh.errors import run_cli
 
@@ -62,6 +63,12 @@ def parse_args(argv=None):
                         "remembered) or blocked-64, blocked-128, blocked-256")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
     p.add_argument("--lr_schedule", choices=["linear", "cosine"], default="linear", help="decay after warm-up")
+    p.add_argument("--max_steps", type=int, default=0,
+                   help="train this many optimizer steps instead of --epochs epochs (the last epoch may end part-way)")
+    p.add_argument("--time_budget", type=float, default=0,
+                   help="minutes the whole run may take, held-out evaluations and saves included, instead of --epochs: "
+                        "the speed of the first steps fixes the number of steps (printed, and kept in the checkpoint "
+                        "so that --resume continues the same run)")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
     p.add_argument("--seed", type=int, default=42, help="seed of the weights, the shuffling and dropout")
     p.add_argument("--eval_data_path", default="", help="held-out articles (JSON list) to report loss on")
@@ -84,9 +91,11 @@ def parse_args(argv=None):
 
 
 def main():
+    started = time.time()
+    args = parse_args()
     from gpt2zh.training import train
 
-    sys.exit(train(parse_args()))
+    sys.exit(train(args, started))
 
 
 if __name__ == "__main__":

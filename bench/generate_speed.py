@@ -17,8 +17,8 @@ Run from the project root: python bench/generate_speed.py
 import argparse
 import sys
 import time
-from statistics import median
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, matmul_peak, read_bandwidth  # noqa: E402
+
 from gpt2zh import native  # noqa: E402
 from gpt2zh.devices import bf16_supported  # noqa: E402
 from gpt2zh.model import build_model, count_parameters, load_config  # noqa: E402

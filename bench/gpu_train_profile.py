@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import flops_per_token, our_recipe  # noqa: E402
+
 from gpt2zh.model import count_parameters, load_config  # noqa: E402
 from gpt2zh.training import to_device  # noqa: E402
 

@@ -12,9 +12,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gpt2zh.fileio import write_json_atomic  # noqa: E402
 from gpt2zh.pieces import build_pieces  # noqa: E402
 from gpt2zh.text import clean_articles, read_novel, split_articles  # noqa: E402
-from gpt2zh.fileio import write_json_atomic  # noqa: E402
 from gpt2zh.vocab import load_tokenizer  # noqa: E402
 
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import flops_per_token, machine, matmul_peak, our_recipe  # noqa: E402
+
 from gpt2zh.model import load_config, quiet_transformers  # noqa: E402
 
 

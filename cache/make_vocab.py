@@ -8,7 +8,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpt2zh.errors import UserError, run_cli  # noqa: E402
 from gpt2zh.text import load_articles  # noqa: E402
-from gpt2zh.vocab import DEFAULT_VOCAB_SIZE, build_bpe, build_corpus_vocab, build_default_vocab, build_word_vocab, write_vocab  # noqa: E402
+from gpt2zh.vocab import (  # noqa: E402
+    DEFAULT_VOCAB_SIZE,
+    build_bpe,
+    build_corpus_vocab,
+    build_default_vocab,
+    build_word_vocab,
+    write_vocab,
+)
 
 
 def main():

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import torch
 
+from .articles import ARTICLE_END, ARTICLE_START, marker_ids
 from .errors import UserError
 from .fileio import new_tmp_dir, recover_dir, replace_dir_atomic
-from .articles import ARTICLE_END, ARTICLE_START, marker_ids
 from .model import context_length, load_config, load_pretrained
 from .vocab import folder_tokenizer, load_tokenizer, vocab_tokens
 
@@ -65,13 +65,9 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(output_dir, model, tokenizer, optimizer, scheduler, scaler, position, run_settings, average=None):
-    """The resumable checkpoint: model folder + optimizer, scheduler, scaler, RNG states, position and the
-    running weight average (training.WeightAverage) if there is one."""
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_states(),
-             "position": position, "settings": run_settings,
-             "average": average.state_dict() if average is not None else None}
+def save_checkpoint(output_dir, model, tokenizer, state):
+    """The resumable checkpoint: the model folder and `state` (training.TrainingState.state_dict(): optimizer,
+    schedule, scaler, random generators, position, the run's flags and weight average) beside it."""
     save_model_folder(model, tokenizer, Path(output_dir) / CHECKPOINT,
                       extra={STATE_FILE: lambda path: torch.save(state, path)})
 

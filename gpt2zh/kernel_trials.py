@@ -10,7 +10,6 @@ from .devices import cpu_name
 from .errors import UserError
 from .fileio import write_json_atomic
 
-
 SHOWN = 4  # timings named in the printed line, fastest first
 
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .articles import encode_articles
 from .errors import UserError
 from .fileio import write_json_atomic
 from .text import load_articles
-from .articles import encode_articles
 from .vocab import vocab_hash
 
 FORMAT_VERSION = 2  # 1 was the original's space-separated text files

@@ -325,8 +325,14 @@ def choose_kernel(model, rows, keys, forced="auto", say=print):
 
 def make_logits_processors(temperature, top_k, top_p, repetition_penalty, suppress_ids):
     """transformers' processors in its own order: penalties and bans first, then the warpers."""
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, SuppressTokensLogitsProcessor,
-                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     processors = LogitsProcessorList()
     if repetition_penalty != 1.0:

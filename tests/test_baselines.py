@@ -1,7 +1,6 @@
 import sys
 
 import pytest
-
 from conftest import CORPUS, ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))

@@ -3,6 +3,7 @@ import json
 import re
 
 from conftest import STORY, TINY_CONFIG, run, train_args
+
 from gpt2zh.articles import TextStream, encode_articles, ids_to_text
 from gpt2zh.vocab import build_bpe, for_gpt2, is_bpe
 

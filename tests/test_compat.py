@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import ROOT, STORY, TINY_CONFIG, run, train_args
+
 from gpt2zh.evaluation import eval_windows
 from gpt2zh.text import decode_bytes
 

@@ -3,9 +3,9 @@ import subprocess
 import sys
 
 import torch
+from conftest import ROOT, run, train_args
 from safetensors.torch import load_file
 
-from conftest import ROOT, run, train_args
 from gpt2zh.devices import distributed_device
 
 

@@ -2,7 +2,6 @@ import json
 import re
 
 import pytest
-
 from conftest import run
 
 REFERENCE = ["--device", "1", "--length", "40", "--tokenizer_path", "cache/vocab_small.txt", "--model_path",

@@ -3,10 +3,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, TINY_CONFIG
-from gpt2zh.model import (CausalLMLoss, LinearCrossEntropy, blocked_causal_attention, build_model, count_parameters,
-                          dropout_mask, load_config)
+
+from gpt2zh.model import (
+    CausalLMLoss,
+    LinearCrossEntropy,
+    blocked_causal_attention,
+    build_model,
+    count_parameters,
+    dropout_mask,
+    load_config,
+)
 
 
 def test_seed_config_has_the_seed_parameter_count():

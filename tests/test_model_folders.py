@@ -1,11 +1,9 @@
 """Model folders users bring (the original GPT2-Chinese's, the Hugging Face layout) and ours used with plain
 transformers: ids and decoded text, not only that loading succeeds."""
-import json
 import re
 
 import pytest
 import torch
-
 from conftest import run, train_args
 from foreign_folders import greedy_text, write_hugging_face_folder, write_original_folder
 

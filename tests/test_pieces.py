@@ -2,11 +2,10 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from gpt2zh.errors import UserError
-from gpt2zh.pieces import (build_pieces, check_pieces, load_pieces, make_batch, make_windows, noise_inputs,
-                           window_starts)
+from gpt2zh.pieces import build_pieces, check_pieces, load_pieces, make_batch, make_windows, noise_inputs, window_starts
 from gpt2zh.vocab import load_tokenizer
 
 VOCAB = ROOT / "cache" / "vocab_small.txt"

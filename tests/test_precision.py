@@ -4,8 +4,8 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_CONFIG
+
 from gpt2zh.devices import autocast_dtype
 from gpt2zh.model import CausalLMLoss, build_model, load_config
 

@@ -3,11 +3,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
-
-from safetensors.torch import load_file
 
 from conftest import ROOT, run, train_args
+from safetensors.torch import load_file
 
 
 def losses(model_dir):

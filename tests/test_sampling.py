@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import ROOT, TINY_CONFIG
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import ROOT, TINY_CONFIG
 from gpt2zh.articles import ids_to_text
 from gpt2zh.model import build_model, load_config
 from gpt2zh.sampling import draw, make_logits_processors, sample

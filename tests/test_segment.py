@@ -3,8 +3,8 @@ import json
 import re
 
 import pytest
-
 from conftest import STORY, run, train_args
+
 from gpt2zh.articles import TextStream, encode_articles, encode_prefix, ids_to_text
 
 pytest.importorskip("rjieba", reason="the word segmenter is not installed (pip install rjieba)")

@@ -4,7 +4,8 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT, run
+from conftest import ROOT
+
 from gpt2zh.articles import TextStream, ids_to_text
 from gpt2zh.vocab import load_tokenizer
 

@@ -2,8 +2,8 @@ import json
 import os
 
 import pytest
-
 from conftest import run
+
 from gpt2zh.errors import UserError
 from gpt2zh.text import clean_article, clean_articles, decode_bytes, load_articles, split_articles
 

@@ -4,9 +4,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import STORY, TINY_CONFIG, run, train_args
+from safetensors.torch import load_file
 
 
 def test_pipeline_trains_and_saves_loadable_folders(trained):
@@ -131,7 +130,7 @@ def test_reference_commands_run_as_written(tmp_path):
 
 
 def test_weight_average_is_the_mean_of_the_weights_it_saw():
-    from gpt2zh.training import WeightAverage
+    from gpt2zh.optimizers import WeightAverage
 
     models = [torch.nn.Linear(3, 2) for _ in range(3)]
     average = WeightAverage(models[0])
@@ -148,7 +147,7 @@ def test_weight_average_reaches_the_model_inside_the_wrappers_train_py_uses():
     output layer stays tied to the token table (as saved folders need)."""
     from gpt2zh.checkpoints import unwrap
     from gpt2zh.model import CausalLMLoss, build_model, load_config
-    from gpt2zh.training import WeightAverage
+    from gpt2zh.optimizers import WeightAverage
 
     lm = build_model(load_config(TINY_CONFIG))
     wrapped = torch.nn.DataParallel(CausalLMLoss(lm, torch.float16))

@@ -1,10 +1,10 @@
 import json
 
 import pytest
-
 from conftest import CORPUS, ROOT, run
-from gpt2zh.text import clean_articles, read_novel, split_articles
+
 from gpt2zh.articles import encode_articles
+from gpt2zh.text import clean_articles, read_novel, split_articles
 from gpt2zh.vocab import SPECIAL_TOKENS, build_default_vocab, load_tokenizer, read_vocab
 
 

@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 pytest.importorskip("starlette", reason="the web page's extra is not installed (pip install -r requirements-web.txt)")

@@ -1,0 +1,81 @@
+"""How long a training run takes: a first estimate from one window timed before the loop, the speed measured over
+the first steps (and, for --time_budget, the number of steps that fits the budget), and the whole run's ETA."""
+import math
+import time
+
+import torch
+
+MEASURE_SECONDS = 10  # the speed is measured over at least this long ...
+MEASURE_STEPS = 3  # ... and this many steps, after the first (allocations, kernel set-up)
+MEASURE_MAX_STEPS = 50  # ... or stops after this many
+BUDGET_MARGIN = 0.04  # of the budget, kept for what the measurement cannot see (a busier machine later)
+
+
+def duration(seconds):
+    """'2 h 05 min', '12 min', '1 min 25 s', '40 s'."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    if seconds >= 600:
+        return f"{round(seconds / 60)} min"
+    if seconds >= 60:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{round(seconds)} s"
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_one_window(trained, batch, device):
+    """Seconds of one forward and backward pass over `batch` [(input_ids, labels)] of `trained` (unwrapped: no
+    gradient exchange), the random generators and the gradients left as they were: the run is not changed by it."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        start = time.perf_counter()
+        trained(*batch).mean().backward()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    for parameter in trained.parameters():
+        parameter.grad = None
+    return seconds
+
+
+class RunClock:
+    """The run's time: started at train.py's start; `step_seconds` once measured over the first steps of this
+    process (None before); `epoch_seconds`, what an epoch's end costs (held-out loss, saves); with `budget`
+    seconds, the number of steps that ends the run inside it."""
+
+    def __init__(self, started, budget_minutes=0.0):
+        self.started = started
+        self.budget = budget_minutes * 60 if budget_minutes else None
+        self.step_seconds = None
+        self.epoch_seconds = 0.0
+        self.first = None  # (time, step) the measurement started from
+
+    def elapsed(self):
+        return time.time() - self.started
+
+    def measure(self, global_step):
+        """Call after every step; returns True at the step where the speed becomes known. The first step of the
+        process (allocations, kernel set-up) is not counted."""
+        if self.step_seconds is not None:
+            return False
+        if self.first is None:
+            self.first = (time.perf_counter(), global_step)
+            return False
+        seconds, steps = time.perf_counter() - self.first[0], global_step - self.first[1]
+        if (seconds >= MEASURE_SECONDS and steps >= MEASURE_STEPS) or steps >= MEASURE_MAX_STEPS:
+            self.step_seconds = seconds / steps
+            return True
+        return False
+
+    def steps_in_budget(self, steps_done, step_seconds, steps_per_epoch):
+        """The whole run's steps for --time_budget: those taken, and as many more as fit in what is left of the
+        budget after the margin, an epoch's end counted every `steps_per_epoch` steps and once more at the end."""
+        left = self.budget * (1 - BUDGET_MARGIN) - self.elapsed() - self.epoch_seconds
+        per_step = step_seconds + self.epoch_seconds / steps_per_epoch
+        return steps_done + max(1, math.floor(left / per_step))
+
+    def eta(self, steps_left, epochs_left):
+        return steps_left * (self.step_seconds or 0.0) + epochs_left * self.epoch_seconds
