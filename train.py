@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--encoder_json", default="tokenizations/encoder.json",
                    help="with --bpe_token: GPT-2's encoder.json (byte-level BPE tokens), read with --vocab_bpe where "
                         "given or present; without either file a BPE is trained on the corpus")
-    p.add_argument("--vocab_bpe", default="tokenizations/vocab.bpe", help="with --bpe_token: GPT-2's vocab.bpe (merges)")
+    p.add_argument("--vocab_bpe", default="tokenizations/vocab.bpe",
+                   help="with --bpe_token: GPT-2's vocab.bpe (merges)")
     # Additions.
     p.add_argument("--segment_min_count", type=int, default=5, help="with --segment: how often a word must occur")
     p.add_argument("--bpe_vocab_size", type=int, default=8000, help="with --bpe_token: tokens of the BPE trained")
@@ -69,7 +70,13 @@ def parse_args(argv=None):
                    help="minutes the whole run may take, held-out evaluations and saves included, instead of --epochs: "
                         "the speed of the first steps fixes the number of steps (printed, and kept in the checkpoint "
                         "so that --resume continues the same run)")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
+    p.add_argument("--weight_decay", type=float, default=0.0,
+                   help="decoupled weight decay of the weight matrices (AdamW's, and Muon's with --optimizer muon)")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: Muon for the transformer blocks' weight matrices, AdamW for the rest")
+    p.add_argument("--muon_lr", type=float, default=0.0,
+                   help="with --optimizer muon: Muon's peak learning rate (0: --lr; its updates are scaled to the size "
+                        "of AdamW's, so the same rate is a fair start)")
     p.add_argument("--seed", type=int, default=42, help="seed of the weights, the shuffling and dropout")
     p.add_argument("--eval_data_path", default="", help="held-out articles (JSON list) to report loss on")
     p.add_argument("--eval_ratio", type=float, default=0.0, help="or hold out this last fraction of the corpus")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .devices import cpu_name
+from .devices import machine_key
 from .errors import UserError
 from .fileio import write_json_atomic
 
@@ -14,8 +14,8 @@ SHOWN = 4  # timings named in the printed line, fastest first
 
 
 def choices_file():
-    """Where the measured choices are remembered: one entry per kind of kernel, CPU, thread count, torch version
-    and shape."""
+    """Where the measured choices are remembered: one entry per kind of kernel, machine (CPU and instruction sets:
+    devices.machine_key), thread count, torch version and shape."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2zh" / "kernel_choices.json"
 
 
@@ -30,7 +30,7 @@ def choose(what, flag, forced, candidates, shape, measure, unit, say=print):
         return forced
     if len(candidates) == 1:
         return next(iter(candidates))
-    key = f"{what} | {cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {shape}"
+    key = f"{what} | {machine_key()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {shape}"
     path = choices_file()
     try:
         remembered = json.loads(path.read_text(encoding="utf-8"))
@@ -38,7 +38,8 @@ def choose(what, flag, forced, candidates, shape, measure, unit, say=print):
         remembered = {}
     entry = remembered.get(key)
     if entry is None or entry.get("candidates") != sorted(candidates):
-        timings = measure()
+        with torch.random.fork_rng(devices=[]):  # a trial draws random inputs: the run's own draws stay as they were
+            timings = measure()
         entry = {"choice": min(timings, key=timings.get), "ms": {k: round(v * 1e3, 2) for k, v in timings.items()},
                  "candidates": sorted(candidates)}
         remembered[key] = entry

@@ -13,6 +13,7 @@ from .errors import UserError
 ATTENTION = "gpt2zh_blocked"  # registered with transformers below
 QUERY_BLOCK = 128  # without a trial (choose_dropout_attention): fastest of 64/128/256 on an AMD Zen 4
 QUERY_BLOCKS = (64, 128, 256)
+ATTENTION_KERNEL = "attention-dropout kernel"  # its trial's name (kernel_trials), and its key in a checkpoint
 
 
 def quiet_transformers():
@@ -174,7 +175,7 @@ def choose_dropout_attention(model, batch_size, dtype, forced="auto", say=print)
     candidates = dropout_attention_candidates(length)
     measure = lambda: {name: time_dropout_attention(shape, dtype, config.attn_pdrop, block)  # noqa: E731
                        for name, block in candidates.items()}
-    chosen = kernel_trials.choose("attention-dropout kernel", "--attention_kernel", forced, candidates,
+    chosen = kernel_trials.choose(ATTENTION_KERNEL, "--attention_kernel", forced, candidates,
                                   f"{list(shape)} {dtype}", measure, "forward+backward a layer", say)
     for module in model.modules():
         if module.__class__.__name__ == "GPT2Attention":
@@ -189,7 +190,8 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if dropout > 0 and query.device.type == "cpu" and attention_mask is None and query.shape[2] == key.shape[2]:
-        output = blocked_causal_attention(query, key, value, dropout, scaling, getattr(module, "query_block", QUERY_BLOCK))
+        block = getattr(module, "query_block", QUERY_BLOCK)
+        output = blocked_causal_attention(query, key, value, dropout, scaling, block)
         return output.transpose(1, 2), None  # [B, T, H, D] as transformers expects
     if key.dtype != query.dtype:  # a cache kept in fp32 while sampling on CPU: attend in its precision
         output, weights = sdpa_attention_forward(module, query.to(key.dtype), key, value, attention_mask,

@@ -53,7 +53,8 @@ def model_and_vocabulary(args, say, main_process=True):
                         f"vocabulary from the corpus, or make one with `python cache/make_vocab.py --segment`")
     if len(tokenizer) > config.vocab_size:
         raise UserError(f"{tokenizer_path} has {len(tokenizer)} tokens but {args.model_config} has vocab_size "
-                        f"{config.vocab_size}; set vocab_size to at least {len(tokenizer)} or use a matching vocabulary")
+                        f"{config.vocab_size}; set vocab_size to at least {len(tokenizer)} or use a matching "
+                        f"vocabulary")
     return config, tokenizer, args.model_config, tokenizer_path
 
 

@@ -16,20 +16,27 @@ from tqdm import tqdm
 from . import checkpoints
 from .console import progress_bar
 from .curves import MetricsLog
-from .devices import autocast_dtype, distributed_device, distributed_rank, pick_device, precision_name
+from .devices import autocast_dtype, bf16_supported, distributed_device, distributed_rank, pick_device, precision_name
 from .errors import UserError
 from .evaluation import evaluate, summarize
-from .model import CausalLMLoss, build_model, choose_dropout_attention, context_length, count_parameters
-from .optimizers import WeightAverage, lr_factor, make_optimizer, set_learning_rate
-from .run_clock import RunClock, duration, time_one_window
+from .model import (
+    ATTENTION_KERNEL,
+    CausalLMLoss,
+    build_model,
+    choose_dropout_attention,
+    context_length,
+    count_parameters,
+)
+from .optimizers import WeightAverage, lr_factor, make_optimizers, set_learning_rate
 from .pieces import make_batch, noise_inputs
+from .run_clock import RunClock, duration, time_one_window
 from .run_inputs import load_training_data, model_and_vocabulary
 
 # Flags that define the sequence of optimizer steps: a resumed run must use the same ones.
 RUN_SETTINGS = ("model_config", "stride", "batch_size", "gradient_accumulation", "epochs", "num_pieces",
                 "min_length", "lr", "warmup_steps", "lr_schedule", "weight_decay", "seed", "eval_ratio", "bpe_token",
                 "bpe_vocab_size", "segment", "segment_min_count", "average_from", "input_noise", "max_steps",
-                "time_budget")
+                "time_budget", "optimizer", "muon_lr")
 
 
 # ---- set-up ---------------------------------------------------------------------------------------------------
@@ -41,7 +48,8 @@ def validate(args, n_ctx, config_name):
               (args.num_pieces < 1, f"--num_pieces {args.num_pieces}: must be at least 1"),
               (args.epochs < 1, f"--epochs {args.epochs}: must be at least 1"),
               (args.batch_size < 1, f"--batch_size {args.batch_size}: must be at least 1"),
-              (args.gradient_accumulation < 1, f"--gradient_accumulation {args.gradient_accumulation}: must be at least 1"),
+              (args.gradient_accumulation < 1,
+               f"--gradient_accumulation {args.gradient_accumulation}: must be at least 1"),
               (args.lr <= 0, f"--lr {args.lr}: must be positive"),
               (not 0 <= args.eval_ratio < 1, f"--eval_ratio {args.eval_ratio}: must be in [0, 1)"),
               (not 0 <= args.average_from < 1, f"--average_from {args.average_from}: must be in [0, 1) (0: off)"),
@@ -136,9 +144,10 @@ def delete_previous_run(output_dir, previous, say):
         (output_dir / name).unlink(missing_ok=True)
 
 
-def make_model(args, config, tokenizer, resume_from, processes):
+def make_model(args, config, tokenizer, resume_from, processes, kernels):
     """The GPT-2 drawn from --seed (or loaded from the checkpoint or --pretrained_model), with the CPU's
-    attention-dropout kernel chosen, on the run's device in training mode."""
+    attention-dropout kernel chosen (the one in `kernels`, the resumed run's choices, if there is one; it is added
+    there), on the run's device in training mode."""
     say = processes.say
     say("config:\n" + config.to_json_string())
     torch.manual_seed(args.seed)  # before the weights are drawn: a run is reproducible
@@ -148,8 +157,21 @@ def make_model(args, config, tokenizer, resume_from, processes):
     if args.no_attn_dropout and config.attn_pdrop:
         say(f"--no_attn_dropout: attention dropout {config.attn_pdrop} -> 0 (faster on CPU)")
     elif processes.device.type == "cpu" and model.config.attn_pdrop > 0:
-        choose_dropout_attention(model, args.batch_size, processes.dtype, args.attention_kernel, say)
+        kernels[ATTENTION_KERNEL] = attention_kernel(model, args, processes, kernels.get(ATTENTION_KERNEL))
     return model.to(processes.device).train()
+
+
+def attention_kernel(model, args, processes, resumed):
+    """The CPU's attention-dropout kernel: the one the run being resumed used (its query blocks draw the dropout
+    masks: another would train on other draws), else --attention_kernel's (auto: a trial's)."""
+    if not resumed:
+        return choose_dropout_attention(model, args.batch_size, processes.dtype, args.attention_kernel, processes.say)
+    if args.attention_kernel not in ("auto", resumed):
+        processes.say(f"--attention_kernel {args.attention_kernel}: the run being resumed used {resumed}, which it "
+                      f"keeps (another draws other dropout masks)")
+    else:
+        processes.say(f"{ATTENTION_KERNEL}: {resumed}, as the run being resumed chose")
+    return choose_dropout_attention(model, args.batch_size, processes.dtype, resumed, silent)
 
 
 def wrap_for_training(model, args, processes):
@@ -186,7 +208,7 @@ class TrainingState:
     the step), the grad scaler, the weight average, the random generators' states, the position, the kernels the
     run chose and the flags that define its steps (a resumed run must use the same)."""
     model: torch.nn.Module  # the GPT2LMHeadModel, unwrapped
-    optimizer: torch.optim.Optimizer
+    optimizers: list  # AdamW, and Muon with --optimizer muon
     scaler: object  # torch.amp.GradScaler under --fp16, else None
     average: WeightAverage | None
     settings: dict
@@ -194,7 +216,8 @@ class TrainingState:
     kernels: dict = field(default_factory=dict)  # kernel_trials' choices, by what they are for
 
     def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(),
+        adamw, *muon = self.optimizers
+        return {"optimizer": adamw.state_dict(), "muon": muon[0].state_dict() if muon else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": checkpoints.rng_states(), "position": asdict(self.progress), "settings": self.settings,
                 "average": self.average.state_dict() if self.average is not None else None, "kernels": self.kernels}
@@ -205,17 +228,17 @@ class TrainingState:
         if changed:
             raise UserError(f"--resume: {', '.join(changed)} differ from the run being resumed; use its flags, "
                             f"or --overwrite to start a new run")
-        peak_lrs = [group["peak_lr"] for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group, peak_lr in zip(self.optimizer.param_groups, peak_lrs, strict=True):
-            group["peak_lr"] = peak_lr  # checkpoints of before the schedule was a function of the step have none
+        for optimizer, saved in zip(self.optimizers, (state["optimizer"], state.get("muon")), strict=False):
+            peak_lrs = [group["peak_lr"] for group in optimizer.param_groups]
+            optimizer.load_state_dict(saved)
+            for group, peak_lr in zip(optimizer.param_groups, peak_lrs, strict=True):
+                group["peak_lr"] = peak_lr  # checkpoints of before the schedule was a function of the step have none
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         checkpoints.set_rng_states(state["rng"])
         if self.average is not None and state.get("average"):
             self.average.load_state_dict(state["average"])
         self.progress = Progress(**{**asdict(self.progress), **state["position"]})
-        self.kernels = state.get("kernels", {})
 
 
 @dataclass
@@ -275,21 +298,25 @@ def set_up(args, started):
     resume_from, previous = checkpoint_to_resume(args, output_dir)
     start_devices(args, processes)
     data = load_training_data(args, tokenizer, vocab_name, n_ctx, processes)
-    model = make_model(args, config, tokenizer, resume_from, processes)
+    saved = checkpoints.load_checkpoint(resume_from) if resume_from else {}
+    kernels = saved.get("kernels", {})
+    model = make_model(args, config, tokenizer, resume_from, processes, kernels)
     batches_per_epoch = math.ceil(windows_per_rank(len(data.windows), processes.world) / args.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation)
-    optimizer = make_optimizer(model, args, processes.device)
+    optimizers = make_optimizers(model, args, processes.device, bf16_supported(processes.device), processes.rank,
+                                 processes.world)
     scaler = torch.amp.GradScaler(processes.device.type) if processes.dtype == torch.float16 else None
-    state = TrainingState(model, optimizer, scaler, WeightAverage(model) if args.average_from else None,
+    state = TrainingState(model, optimizers, scaler, WeightAverage(model) if args.average_from else None,
                           {name: getattr(args, name) for name in RUN_SETTINGS},
-                          Progress(total_steps=planned_steps(args, steps_per_epoch), length_fixed=not args.time_budget))
+                          Progress(total_steps=planned_steps(args, steps_per_epoch), length_fixed=not args.time_budget),
+                          kernels)
     if processes.main and previous and args.overwrite:  # only now that every input has been checked
         delete_previous_run(output_dir, previous, processes.say)
     metrics = MetricsLog(output_dir, args.writer_dir, processes.say) if processes.main else None
     run = Run(args, processes, tokenizer, data, n_ctx, state, None, metrics, output_dir, batches_per_epoch,
               steps_per_epoch, RunClock(started, args.time_budget))
     if resume_from:
-        state.load_state_dict(checkpoints.load_checkpoint(resume_from))
+        state.load_state_dict(saved)
         if metrics:
             metrics.truncate_after(state.progress.global_step)
         run.say(f"resuming {resume_from}: epoch {state.progress.epoch + 1}, step {state.progress.global_step} of "
@@ -332,23 +359,25 @@ def micro_batches(run, order, step_in_epoch):
     return batches, tokens
 
 
-def optimizer_step(model, batches, optimizer, scaler, max_grad_norm, device):
-    """One optimizer step over the micro-batches [(input_ids, labels)] of a gradient accumulation, clipped.
+def optimizer_step(model, batches, optimizers, scaler, max_grad_norm, device):
+    """One step of the optimizers over the micro-batches [(input_ids, labels)] of a gradient accumulation, clipped.
     Returns the step's mean loss, kept on the device (reading it would wait for the GPU)."""
     step_loss = torch.zeros((), device=device)
     for input_ids, labels in batches:
         loss = model(input_ids, labels).mean() / len(batches)  # DataParallel: one loss per GPU
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
-    if scaler:
+    for optimizer in optimizers if scaler else []:
         scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    for optimizer in optimizers:
+        if scaler:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     if scaler:
-        scaler.step(optimizer)
         scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return step_loss
 
 
@@ -375,10 +404,10 @@ def out_of_memory_explained(run):
 def take_step(run, batches):
     """optimizer_step at the schedule's learning rate; then the weight average."""
     args, state, progress = run.args, run.state, run.state.progress
-    set_learning_rate(state.optimizer, lr_factor(progress.global_step, args.warmup_steps, run.total_steps,
+    set_learning_rate(state.optimizers, lr_factor(progress.global_step, args.warmup_steps, run.total_steps,
                                                  args.lr_schedule))
     with out_of_memory_explained(run):
-        step_loss = optimizer_step(run.trained, batches, state.optimizer, state.scaler, args.max_grad_norm,
+        step_loss = optimizer_step(run.trained, batches, state.optimizers, state.scaler, args.max_grad_norm,
                                    run.processes.device)
     progress.global_step += 1
     if state.average is not None and progress.global_step > run.average_after:
