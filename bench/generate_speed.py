@@ -30,7 +30,8 @@ from common import machine, matmul_peak, read_bandwidth  # noqa: E402
 from gpt2zh import native  # noqa: E402
 from gpt2zh.devices import bf16_supported  # noqa: E402
 from gpt2zh.model import build_model, count_parameters, load_config  # noqa: E402
-from gpt2zh.sampling import decode_step, kernel_candidates, make_logits_processors, measure_kernels, sample  # noqa: E402
+from gpt2zh.decoding import decode_step, kernel_candidates, measure_kernels  # noqa: E402
+from gpt2zh.sampling import make_logits_processors, sample  # noqa: E402
 
 
 def roofline(model, rows, prefix, length):

@@ -18,6 +18,9 @@
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define DOT_PAIRS_IN_BF16 1
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#define AVX2_FMA 1
 #endif
 
 namespace {
@@ -26,8 +29,11 @@ constexpr int TILE = 16;      // outputs per packed tile
 #ifdef __AVX512F__
 constexpr int ROW_BLOCK = 12;      // rows sharing one read of a tile (the next block reads it again from cache)
 constexpr int TILES_PER_STEP = 2;  // 24 sums and 2 tiles' weights in 32 vector registers
+#elif defined(AVX2_FMA)
+constexpr int ROW_BLOCK = 6;  // 12 sums (6 rows x 16 outputs, two registers each), a weight and a broadcast: 16 registers
+constexpr int TILES_PER_STEP = 1;
 #else
-constexpr int ROW_BLOCK = 4;  // 16 vector registers (AVX2, NEON): 4 rows' sums and the weights fit in them
+constexpr int ROW_BLOCK = 4;  // 16 vector registers (NEON): 4 rows' sums and the weights fit in them
 constexpr int TILES_PER_STEP = 1;
 #endif
 
@@ -131,7 +137,7 @@ void interleave(int rows, int pairs, const float* x, int ldx, std::vector<InputW
 // tiles that follow `tile` (each input broadcast once for T tiles)
 template <int R, int T>
 void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc[][ROW_BLOCK][TILE]) {
-    constexpr int CHAINS = R * T >= 4 ? 1 : 4;  // independent sums, so that few rows do not wait on each add
+    constexpr int CHAINS = R * T >= 3 ? 1 : 4 / (R * T);  // independent sums: few rows do not wait on each add
     const size_t next = size_t(pairs) * TILE;     // from one tile to the next
 #ifdef DOT_PAIRS_IN_BF16
     __m512 sums[CHAINS][T][R];
@@ -144,6 +150,27 @@ void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc
         for (int r = 0; r < R; ++r) {
             const __m512bh in = (__m512bh)_mm512_set1_epi32(int(x[p * ROW_BLOCK + r]));
             for (int u = 0; u < T; ++u) sums[c][u][r] = _mm512_dpbf16_ps(sums[c][u][r], w[u], in);
+        }
+    };
+#elif defined(AVX2_FMA)
+    // the even inputs' weights of a tile (a shift), then the odd ones' (a mask), each in two registers of 8,
+    // multiplied by every row's input in turn: per input pair and row 4 FMAs, per pair 4 conversions
+    static_assert(T == 1, "AVX2: one tile a step");
+    __m256 sums[CHAINS][R][2];
+    for (int c = 0; c < CHAINS; ++c)
+        for (int r = 0; r < R; ++r) sums[c][r][0] = sums[c][r][1] = _mm256_setzero_ps();
+    const __m256i high = _mm256_set1_epi32(int(0xffff0000u));
+    auto add_pair = [&](int p, int c) {
+        for (int half = 0; half < 2; ++half) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + p * TILE + 8 * half));
+            const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+            for (int r = 0; r < R; ++r)
+                sums[c][r][half] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (p * ROW_BLOCK + r) * 2), even,
+                                                   sums[c][r][half]);
+            const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+            for (int r = 0; r < R; ++r)
+                sums[c][r][half] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (p * ROW_BLOCK + r) * 2 + 1), odd,
+                                                   sums[c][r][half]);
         }
     };
 #else
@@ -162,11 +189,19 @@ void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc
     for (; p + CHAINS <= pairs; p += CHAINS)
         for (int c = 0; c < CHAINS; ++c) add_pair(p + c, c);
     for (; p < pairs; ++p) add_pair(p, 0);
+#ifdef AVX2_FMA
+    for (int r = 0; r < R; ++r)
+        for (int half = 0; half < 2; ++half) {
+            for (int c = 1; c < CHAINS; ++c) sums[0][r][half] = _mm256_add_ps(sums[0][r][half], sums[c][r][half]);
+            _mm256_storeu_ps(acc[0][r] + 8 * half, sums[0][r][half]);
+        }
+#else
     for (int u = 0; u < T; ++u)
         for (int r = 0; r < R; ++r) {
             for (int c = 1; c < CHAINS; ++c) sums[0][u][r] += sums[c][u][r];
             std::memcpy(acc[u][r], &sums[0][u][r], sizeof(acc[u][r]));
         }
+#endif
 }
 
 template <int R, int T>

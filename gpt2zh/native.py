@@ -33,9 +33,10 @@ TARGET_MACROS = {"__SSE4_2__": "sse4_2", "__AVX__": "avx", "__AVX2__": "avx2", "
 
 
 def supports(model):
-    """Whether the C++ step computes this model: a GPT-2 with bf16 weights on the CPU, an activation it knows."""
+    """Whether the C++ step computes this model: a GPT-2 on the CPU with bf16 weights, or fp32 ones (it streams bf16
+    copies: half the bytes, what a CPU without fast bf16 arithmetic loads), an activation it knows."""
     weights = next(model.parameters())
-    return (weights.dtype == torch.bfloat16 and weights.device.type == "cpu"
+    return (weights.dtype in (torch.bfloat16, torch.float32) and weights.device.type == "cpu"
             and model.config.activation_function in ACTIVATIONS)
 
 
@@ -131,6 +132,15 @@ def arithmetic():
     return "fp32 vectors (no AVX512-BF16)"
 
 
+def fp32(tensor):
+    return tensor.detach().float().contiguous()
+
+
+def packed_linear(layer):
+    """[the packed weight, the fp32 bias or None] of a linear layer, as decode_step.cpp's params list them."""
+    return [pack(weight_out_in(layer).t()), fp32(layer.bias) if layer.bias is not None else None]
+
+
 def pack(weight):
     """A weight [in, out] as decode_step.cpp reads it: bf16 [tiles of 16 outputs, input pairs, 16, 2], zero-padded
     to an even number of inputs and whole tiles."""
@@ -147,7 +157,7 @@ class NativeDecodeStep:
 
     def __init__(self, model, kernel):
         if not supports(model):
-            raise UserError(f"sampling kernel {kernel.name}: computes GPT-2s with bf16 weights on the CPU and "
+            raise UserError(f"sampling kernel {kernel.name}: computes GPT-2s with bf16 or fp32 weights on the CPU and "
                             f"activation {', '.join(ACTIVATIONS)}; --sampling_kernel chooses another")
         try:
             self.lib = library()
@@ -157,19 +167,13 @@ class NativeDecodeStep:
         self.kernel, self.config = kernel, config
         self.wte, self.wpe = transformer.wte.weight.detach(), transformer.wpe.weight.detach()
 
-        def fp32(tensor):
-            return tensor.detach().float().contiguous()
-
-        def linear(layer):
-            return [pack(weight_out_in(layer).t()), fp32(layer.bias) if layer.bias is not None else None]
-
         params = []
         for block in transformer.h:
-            params += [fp32(block.ln_1.weight), fp32(block.ln_1.bias), *linear(block.attn.c_attn),
-                       *linear(block.attn.c_proj), fp32(block.ln_2.weight), fp32(block.ln_2.bias),
-                       *linear(block.mlp.c_fc), *linear(block.mlp.c_proj)]
+            params += [fp32(block.ln_1.weight), fp32(block.ln_1.bias), *packed_linear(block.attn.c_attn),
+                       *packed_linear(block.attn.c_proj), fp32(block.ln_2.weight), fp32(block.ln_2.bias),
+                       *packed_linear(block.mlp.c_fc), *packed_linear(block.mlp.c_proj)]
         scales = [attention_scale(config, index) for index in range(config.n_layer)]
-        params += [fp32(transformer.ln_f.weight), fp32(transformer.ln_f.bias), *linear(model.lm_head)]
+        params += [fp32(transformer.ln_f.weight), fp32(transformer.ln_f.bias), *packed_linear(model.lm_head)]
         self.params = params  # kept: the pointers below point into them
         self.pointers = (ctypes.c_void_p * len(params))(*(p.data_ptr() if p is not None else None for p in params))
         self.scales = (ctypes.c_float * len(scales))(*scales)

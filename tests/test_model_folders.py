@@ -140,7 +140,7 @@ def test_folders_of_the_original_and_the_hugging_face_layout_sample_alike_throug
     import copy
 
     from gpt2zh.checkpoints import load_model_folder
-    from gpt2zh.sampling import decode_step, kernel_candidates, preallocated_cache
+    from gpt2zh.decoding import decode_step, kernel_candidates, preallocated_cache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     written = {"original": write_original_folder(tmp_path / "original", tmp_path / "vocab.txt")[0],

@@ -1,0 +1,305 @@
+"""One sampling step after the prefix: every row's newest token through the model with its KV cache, by the
+kernel a short trial found fastest on this machine (what is fastest differs between CPUs and numbers of rows)."""
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer
+
+from . import kernel_trials, native
+from .devices import bf16_supported
+from .errors import UserError
+from .model import attention_scale, context_length, weight_out_in
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer that writes each step into buffers allocated once for the whole window, where
+    DynamicLayer concatenates (copies the whole cache) at every step.
+
+    `dtype` overrides the model's (the sampling kernel's choice: on some CPUs an fp32 cache is attended several
+    times faster than a bf16 one).
+    """
+
+    def __init__(self, capacity, dtype=None):
+        super().__init__()
+        self.capacity, self.dtype = capacity, dtype
+
+    def lazy_initialization(self, key_states, value_states):
+        batch, heads, _, head_dim = key_states.shape  # [B, H, T, D]
+        self.device = key_states.device
+        self.key_buffer = torch.empty(batch, heads, self.capacity, head_dim, dtype=self.dtype or key_states.dtype,
+                                      device=self.device)
+        self.value_buffer = torch.empty_like(self.key_buffer)
+        self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.keys.shape[2]
+        end = start + key_states.shape[2]
+        self.key_buffer[:, :, start:end] = key_states
+        self.value_buffer[:, :, start:end] = value_states
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def pretend_filled(self, length):
+        """Random keys and values for the first `length` positions, as if that many tokens came before (for timing
+        a step at a given cache length without encoding a prefix)."""
+        self.key_buffer[:, :, :length].normal_()
+        self.value_buffer[:, :, :length].normal_()
+        self.rewind(length)
+
+    def rewind(self, length):
+        """Forget the positions from `length` on (the next update writes there)."""
+        self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+
+
+class PackedLinear:
+    """x @ weight.T + bias with the weight reordered once by oneDNN for a few rows at a time (what torch.compile's
+    freezing does on CPU): 1.6-2x faster than addmm for the 10 rows of a sampling step."""
+
+    def __init__(self, weight, bias, rows):  # weight: [out, in]
+        self.out_features = weight.shape[0]
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
+        self.bias = bias.detach() if bias is not None else None
+
+    def __call__(self, x):
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class HalfLinear:
+    """x @ weight.T + bias through fp16 copies of the weights: PyTorch's fp16 matrix-vector kernel accumulates in
+    fp32 and reads 29-35 GB/s on a Zen 4, where oneDNN's packed bf16 reads 20-23, so one row a step (a user at a
+    terminal) runs faster; with several rows it falls back to a slow generic kernel."""
+
+    def __init__(self, weight, bias):  # weight: [out, in]
+        self.weight = weight.detach().to(torch.float16).contiguous()
+        self.bias = bias.detach().to(torch.float16) if bias is not None else None
+
+    def __call__(self, x):
+        return F.linear(x.to(torch.float16), self.weight, self.bias)  # fp16 out: DecodeStep's stream is fp32
+
+
+def linear_layer(weight, bias, kind, rows):
+    """The kernel `kind` ("plain", "packed", "fp16") computing x @ weight.T + bias; weight [out, in]."""
+    if kind == "packed":
+        return PackedLinear(weight, bias, rows)
+    if kind == "fp16":
+        return HalfLinear(weight, bias)
+    return functools.partial(F.linear, weight=weight.detach(), bias=bias.detach() if bias is not None else None)
+
+
+# ---- attention of each row's newest token over the cache: query [B, H, D], keys/values [B, H, L, D] -> [B, H, D]
+
+def attend_matmul(query, keys, values, scale):
+    """matmul-softmax-matmul in the cache's dtype. The scores are keys @ query, a matrix-vector product over
+    contiguous key rows (5-15% faster on CPU than query @ keys^T). It is also the GPU's: SDPA's cuDNN backend,
+    torch's choice on Hopper, builds a new plan for every new key length (about 40 ms a step on an H200)."""
+    scores = torch.matmul(keys, query.to(keys.dtype)[..., None])[..., 0] * scale  # [B, H, L]
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(values.dtype)
+    return torch.matmul(probs[:, :, None], values)[:, :, 0]
+
+
+def attend_sdpa(query, keys, values, scale):
+    return F.scaled_dot_product_attention(query.to(keys.dtype)[:, :, None], keys, values, scale=scale)[:, :, 0]
+
+
+ATTENDS = {"matmul": attend_matmul, "sdpa": attend_sdpa}
+HALF_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # a cache in the weights' own half precision
+CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SamplingKernel:
+    cache: str  # "fp32", or the weights' "bf16" / "fp16"
+    attention: str  # a key of ATTENDS, or "cpp": the whole step in C++ (native.py)
+    linear: str  # "plain", "packed" (bf16 for oneDNN), "fp16", or "cpp" with the attention
+
+    @property
+    def name(self):
+        if self.linear == "cpp":
+            return f"{self.cache}-cpp"
+        return f"{self.cache}-{self.attention}" + ("" if self.linear == "plain" else f"+{self.linear}")
+
+    @property
+    def cache_dtype(self):
+        return CACHE_DTYPES[self.cache]
+
+
+def default_kernel(model):
+    """Without a trial (a GPU, or sample() called directly): a plain step, the cache in fp32 on CPU."""
+    weights = next(model.parameters())
+    cache = "fp32" if weights.device.type == "cpu" else HALF_NAMES.get(weights.dtype, "fp32")
+    return SamplingKernel(cache, "matmul", "plain")
+
+
+def decode_linears(model, kind, rows):
+    """The model's linear layers as the kernel `kind` computes them: (c_attn, c_proj, c_fc, mlp c_proj) of each
+    block, then the output layer."""
+    blocks = [tuple(linear_layer(weight_out_in(layer), layer.bias, kind, rows)
+                    for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj))
+              for block in model.transformer.h]
+    return blocks, linear_layer(weight_out_in(model.lm_head), model.lm_head.bias, kind, rows)
+
+
+def layer_norm(module, dtype):
+    """`module` as a call of F.layer_norm in `dtype`: a module call costs microseconds, 21 a step."""
+    weight, bias = (p.detach().to(dtype) for p in (module.weight, module.bias))
+    return functools.partial(F.layer_norm, normalized_shape=module.normalized_shape, weight=weight, bias=bias,
+                             eps=module.eps)
+
+
+def decode_step(model, kernel=None, rows=1, linears=None):
+    """The step computing `kernel`: the C++ one (native.py) or a DecodeStep."""
+    if kernel is not None and kernel.linear == "cpp":
+        return native.NativeDecodeStep(model, kernel)
+    return DecodeStep(model, kernel, rows, linears)
+
+
+class DecodeStep:
+    """One sampling step of a GPT2LMHeadModel: each row's newest token through every layer, its key and value
+    written into the cache the prefix's forward pass filled, the next token's logits out. The model's forward for
+    one position, with the kernels of `kernel` and without transformers' per-module machinery (1.5 of the 12 ms
+    a step of the seed config took on CPU). The model itself is not changed: packed or fp16 weights are copies
+    (`linears`: decode_linears' for the kernel's kind, built if not given). With fp16 linear layers the residual
+    stream is fp32 (their fp16 outputs add to it without a cast); otherwise it is in the weights' dtype."""
+
+    def __init__(self, model, kernel=None, rows=1, linears=None):
+        config = model.config
+        self.kernel = kernel or default_kernel(model)
+        self.heads = config.n_head
+        self.attend = ATTENDS[self.kernel.attention]
+        self.dtype = torch.float32 if self.kernel.linear == "fp16" else next(model.parameters()).dtype
+        block_linears, self.lm_head = linears or decode_linears(model, self.kernel.linear, rows)
+        transformer = model.transformer
+        self.wte, self.wpe = transformer.wte.weight, transformer.wpe.weight
+        self.ln_f = layer_norm(transformer.ln_f, self.dtype)
+        self.blocks = []
+        for index, (block, (c_attn, c_proj, c_fc, mlp_proj)) in enumerate(zip(transformer.h, block_linears,
+                                                                              strict=True)):
+            self.blocks.append((layer_norm(block.ln_1, self.dtype), c_attn, c_proj, layer_norm(block.ln_2, self.dtype),
+                                c_fc, block.mlp.act.forward, mlp_proj, attention_scale(config, index)))
+
+    @torch.no_grad()
+    def __call__(self, ids, cache):
+        """ids [B]: each row's newest token, at the position after the cache's; returns logits [B, vocab]."""
+        rows = ids.shape[0]
+        hidden = (self.wte[ids] + self.wpe[cache.get_seq_length()]).to(self.dtype)  # [B, C]
+        for layer, (ln_1, c_attn, c_proj, ln_2, c_fc, act, mlp_proj, scale) in zip(cache.layers, self.blocks,
+                                                                                  strict=True):
+            query, key, value = c_attn(ln_1(hidden)).view(rows, 3, self.heads, -1).unbind(1)  # each [B, H, D]
+            keys, values = layer.update(key[:, :, None], value[:, :, None])  # [B, H, L, D]
+            hidden = hidden + c_proj(self.attend(query, keys, values, scale).to(self.dtype).reshape(rows, -1))
+            hidden = hidden + mlp_proj(act(c_fc(ln_2(hidden))))
+        return self.lm_head(self.ln_f(hidden))
+
+
+def preallocated_cache(model, capacity, dtype=None):
+    """A cache for `capacity` tokens in `dtype` (None: the weights')."""
+    return Cache(layers=[PreallocatedLayer(capacity, dtype) for _ in range(model.config.n_layer)])
+
+
+# ---- the sampling kernels, chosen by a short trial on the machine at hand ---------------------------------
+# Only kernels that were the fastest somewhere stay; where each wins, by how much over the runner-up, is in
+# docs/BENCHMARKS.md ("Sampling kernels"). Without a working C++ compiler (Windows without one on PATH, say)
+# the trial chooses among the others.
+CANDIDATES = (
+    SamplingKernel("bf16", "cpp", "cpp"),  # AMD Zen 4 (AVX512-BF16) and Zen 3 (AVX2): 1, 2 and 10 rows
+    SamplingKernel("fp32", "sdpa", "plain"),  # Zen 3 without a compiler: 10 rows (fp32 weights)
+    SamplingKernel("fp32", "sdpa", "fp16"),  # Zen 3 and Zen 4 without a compiler: 1 row
+    SamplingKernel("fp32", "sdpa", "packed"),  # Zen 4 without a compiler: 10 rows (bf16 weights)
+    SamplingKernel("bf16", "sdpa", "packed"),  # Intel Xeon with AMX: bf16 SDPA 3x the fp32 one (issue 11)
+)
+
+
+def applies(kernel, weights):
+    """Whether `kernel` computes a model with these weights here: packed needs bf16 weights and a oneDNN that
+    packs them on this CPU (AVX-512 or AVX-NE-CONVERT), fp16 copies need weights of another dtype, plain ones fp32."""
+    if kernel.linear == "packed":
+        return (weights.dtype == torch.bfloat16 and bf16_supported(weights.device)
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))  # private oneDNN ops a later torch may change
+    if kernel.linear == "fp16":
+        return weights.dtype != torch.float16
+    if kernel.linear == "plain":
+        return weights.dtype == torch.float32
+    return True
+
+
+def kernel_candidates(model):
+    """{name: SamplingKernel}: those of CANDIDATES that compute this model's weights on this machine."""
+    weights = next(model.parameters())
+    kernels = [k for k in CANDIDATES if applies(k, weights) and (k.linear != "cpp" or native.supports(model))]
+    return {kernel.name: kernel for kernel in kernels}
+
+
+def rewind(cache, length):
+    for layer in cache.layers:
+        layer.rewind(length)
+
+
+def prepare_entrant(model, kernel, rows, keys, linears, caches):
+    """A candidate's step, ready to be timed over its cache (shared by the candidates of one cache dtype) filled
+    with `keys` positions, and the seconds its set-up took (copying weights, warming oneDNN up). Candidates of one
+    kind of linear layers share their copies of the weights (`linears`)."""
+    start = time.perf_counter()
+    ids = torch.full((rows,), 5, dtype=torch.long, device=next(model.parameters()).device)
+    if kernel.linear not in linears and kernel.linear != "cpp":
+        linears[kernel.linear] = decode_linears(model, kernel.linear, rows)
+    step = decode_step(model, kernel, rows, linears.get(kernel.linear))
+    cache = caches.get(kernel.cache)
+    if cache is None:
+        cache = caches[kernel.cache] = preallocated_cache(model, keys + 1, kernel.cache_dtype)
+        step(ids, cache)  # allocates the buffers
+        for layer in cache.layers:
+            layer.pretend_filled(keys)
+    for _ in range(2):  # warms up what the kernel sets up on its first calls
+        step(ids, cache)
+        rewind(cache, keys)
+    return step, cache, time.perf_counter() - start
+
+
+def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=2, say=print):
+    """{name: seconds a step} of every candidate kernel, stepping `rows` tokens over a cache already holding `keys`
+    tokens, plus its set-up spread over `run_steps` steps (the C++ step's build is not counted: it is kept per
+    machine). The candidates take turns for `rounds` rounds of `steps` steps and each keeps its fastest step: on a
+    shared machine a neighbour's burst of work slows whatever runs at that moment, often for seconds. A candidate
+    that cannot run here (no C++ compiler) is left out, in one line."""
+    ids = torch.full((rows,), 5, dtype=torch.long, device=next(model.parameters()).device)
+    linears, caches, entrants = {}, {}, {}
+    for name, kernel in kernel_candidates(model).items():
+        try:
+            if kernel.linear == "cpp":
+                native.library()  # built once per machine
+            entrants[name] = prepare_entrant(model, kernel, rows, keys, linears, caches)
+        except UserError as error:
+            say(f"sampling kernel {name} left out: {error}")
+    best = dict.fromkeys(entrants, float("inf"))
+    for _ in range(rounds):
+        for name, (step, cache, _) in entrants.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                step(ids, cache)
+                best[name] = min(best[name], time.perf_counter() - start)
+                rewind(cache, keys)
+    return {name: best[name] + max(setup - 2 * best[name], 0.0) / run_steps
+            for name, (_, _, setup) in entrants.items()}
+
+
+def choose_kernel(model, rows, keys, forced="auto", say=print):
+    """The sampling kernel `forced` names, or with "auto" the fastest on this machine: measured once on the
+    model's shapes (`rows` samples, a cache of `keys` tokens; set-up costs spread over a window of n_ctx steps) and
+    remembered (kernel_trials)."""
+    candidates = kernel_candidates(model)
+    config, weights = model.config, next(model.parameters())
+    shape = (f"{config.n_layer} layers x {config.n_embd} x {config.n_head} heads, vocab {config.vocab_size}, "
+             f"{weights.dtype} | {rows} rows, {keys} cached tokens")
+    chosen = kernel_trials.choose("sampling kernel", "--sampling_kernel", forced, candidates, shape,
+                                  lambda: measure_kernels(model, rows, keys, context_length(config), say=say),
+                                  "a step", say)
+    return candidates[chosen]
+
+
