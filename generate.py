@@ -38,9 +38,9 @@ def parse_args(argv=None):
     # Additions.
     p.add_argument("--seed", type=int, default=None, help="random seed (printed when not given)")
     p.add_argument("--sampling_kernel", default="auto",
-                   help="how a sampling step runs on CPU (cache dtype, attention, packed linear layers, or bf16-cpp: the "
-                        "whole step in C++, built once per machine): auto measures the candidates once on this machine "
-                        "and remembers the fastest; a name forces one")
+                   help="how a sampling step runs on CPU (bf16-cpp: the whole step in C++, built once per machine; "
+                        "or PyTorch's with an fp32 cache and plain, fp16 or packed linear layers): auto measures the "
+                        "candidates once on this machine and remembers the fastest; a name forces one")
     p.add_argument("--interactive", action="store_true",
                    help="load the model once, then continue each beginning typed at the prompt (an empty line or "
                         "Ctrl-D ends); --prefix is not used")
@@ -55,7 +55,8 @@ def parse_args(argv=None):
 def validate(args):
     checks = [(args.length == 0 or args.length < -1, f"--length {args.length}: must be positive (or -1 for n_ctx)"),
               (args.nsamples < 1, f"--nsamples {args.nsamples}: must be at least 1"),
-              (args.batch_size is not None and args.batch_size < 1, f"--batch_size {args.batch_size}: must be at least 1"),
+              (args.batch_size is not None and args.batch_size < 1,
+               f"--batch_size {args.batch_size}: must be at least 1"),
               (args.temperature <= 0, f"--temperature {args.temperature}: must be greater than 0"),
               (args.topk < 0, f"--topk {args.topk}: must be 0 (off) or more"),
               (not 0 <= args.topp <= 1, f"--topp {args.topp}: must be in (0, 1] (or 0 for off)"),
@@ -86,11 +87,83 @@ def read_prefixes(interactive, prefix):
         yield line
 
 
+class PrintAsSampled:
+    """on_step for one row in flight: its text printed as each token is sampled."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __call__(self, ids):
+        print(self.stream.push(int(ids[0])), end="", flush=True)
+
+
+class Tally:
+    """Samples written so far and their sampled tokens, across prefixes."""
+
+    def __init__(self):
+        self.samples, self.tokens, self.start = 0, 0, time.time()
+
+
+def open_samples_file(args):
+    """mnt/samples.txt (or --save_samples_path's) with --save_samples, else None; a previous one is replaced, said."""
+    if not args.save_samples:
+        return None
+    path = Path(args.save_samples_path) / "samples.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        print(f"replacing the previous {path}")
+    return open(path, "w", encoding="utf-8")
+
+
+def write_batch(writer, prefix_ids, rows, length, processors, seed, args):
+    """`rows` samples of `length` tokens: one row streams its text as it is sampled; several show a progress bar."""
+    from gpt2zh.articles import TextStream
+    from gpt2zh.console import progress_bar
+
+    if rows == 1:
+        stream = TextStream(writer.tokenizer, prefix_ids)
+        print(stream.text, end="", flush=True)
+        out = writer.write(prefix_ids, length, 1, processors, seed, args.stop_at_end, PrintAsSampled(stream))
+        print()
+        return out
+    with progress_bar(total=rows * length, unit="tok", desc=f"sampling {rows}", leave=False) as bar:
+        return writer.write(prefix_ids, length, rows, processors, seed, args.stop_at_end,
+                            lambda ids: bar.update(len(ids)))
+
+
+def continue_prefix(writer, prefix, length, processors, seed, args, tally, samples_file):
+    """--nsamples continuations of `prefix`, --batch_size at a time, printed and saved."""
+    from gpt2zh.articles import encode_prefix, ids_to_text, missing_characters
+
+    tokenizer = writer.tokenizer
+    prefix_ids = encode_prefix(tokenizer, prefix, args.no_wordpiece)
+    missing = missing_characters(tokenizer, prefix)
+    if missing:
+        print(f"warning: these characters of the prefix are not in the vocabulary and become [UNK]: {''.join(missing)}")
+    if not prefix_ids:
+        raise UserError("--prefix is empty; give some text to continue, e.g. --prefix \"[CLS]悟空大喝一声\"")
+    batch_size, done = args.batch_size or args.nsamples, 0
+    while done < args.nsamples:
+        rows = min(batch_size, args.nsamples - done)
+        writer.decode_step(rows)  # a kernel trial for this many rows says its line before the text starts
+        if rows == 1:
+            print(sample_header(tally.samples + 1))
+        out = write_batch(writer, prefix_ids, rows, length, processors, seed + tally.samples, args)
+        for row in out:
+            tally.samples, done = tally.samples + 1, done + 1
+            tally.tokens += len(row) - len(prefix_ids)
+            header, text = sample_header(tally.samples), ids_to_text(tokenizer, row)
+            if rows > 1:
+                print(header)
+                print(text)
+            if samples_file:
+                samples_file.write(header + text + "\n" + "=" * 90 + "\n\n")
+                samples_file.flush()
+
+
 def main():
     args = parse_args()
     validate(args)
-    from gpt2zh.articles import TextStream, encode_prefix, ids_to_text, missing_characters
-    from gpt2zh.console import progress_bar
     from gpt2zh.devices import pick_device
     from gpt2zh.model import quiet_transformers
     from gpt2zh.sampling import Writer
@@ -98,65 +171,24 @@ def main():
 
     quiet_transformers()
     device, _ = pick_device(args.device)
-    batch_size = args.batch_size or args.nsamples
-    writer = Writer(args.model_path, args.tokenizer_path, device, args.precision, batch_size, args.sampling_kernel)
-    tokenizer = writer.tokenizer
-    check_segment_flag(tokenizer, args.segment, args.model_path)
+    writer = Writer(args.model_path, args.tokenizer_path, device, args.precision, args.batch_size or args.nsamples,
+                    args.sampling_kernel)
+    check_segment_flag(writer.tokenizer, args.segment, args.model_path)
     length = writer.n_ctx if args.length == -1 else args.length
     processors = writer.processors(args.temperature, args.topk, args.topp, args.repetition_penalty)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     print(f"seed: {seed}")
-
-    samples_file = None
-    if args.save_samples:
-        samples_path = Path(args.save_samples_path) / "samples.txt"
-        samples_path.parent.mkdir(parents=True, exist_ok=True)
-        if samples_path.exists():
-            print(f"replacing the previous {samples_path}")
-        samples_file = open(samples_path, "w", encoding="utf-8")
-    generated, sampled_tokens, start = 0, 0, time.time()
+    samples_file, tally = open_samples_file(args), Tally()
     for prefix in read_prefixes(args.interactive, args.prefix):
-        prefix_ids = encode_prefix(tokenizer, prefix, args.no_wordpiece)
-        missing = missing_characters(tokenizer, prefix)
-        if missing:
-            print(f"warning: these characters of the prefix are not in the vocabulary and become [UNK]: "
-                  f"{''.join(missing)}")
-        if not prefix_ids:
-            raise UserError("--prefix is empty; give some text to continue, e.g. --prefix \"[CLS]悟空大喝一声\"")
-        done = 0
-        while done < args.nsamples:
-            rows = min(batch_size, args.nsamples - done)
-            writer.decode_step(rows)  # a kernel trial for this many rows says its line before the text starts
-            if rows == 1:  # one sample in flight: its text appears as it is sampled
-                print(sample_header(generated + 1))
-                stream = TextStream(tokenizer, prefix_ids)
-                print(stream.text, end="", flush=True)
-                on_step = lambda ids: print(stream.push(int(ids[0])), end="", flush=True)  # noqa: E731
-                out = writer.write(prefix_ids, length, 1, processors, seed + generated, args.stop_at_end, on_step)
-                print()
-            else:  # several: each is printed when its batch is done
-                with progress_bar(total=rows * length, unit="tok", desc=f"sampling {rows}", leave=False) as bar:
-                    out = writer.write(prefix_ids, length, rows, processors, seed + generated, args.stop_at_end,
-                                       lambda ids: bar.update(rows))
-            for row in out:
-                generated, done = generated + 1, done + 1
-                sampled_tokens += len(row) - len(prefix_ids)
-                header = sample_header(generated)
-                text = ids_to_text(tokenizer, row)
-                if rows > 1:
-                    print(header)
-                    print(text)
-                if samples_file:
-                    samples_file.write(header + text + "\n" + "=" * 90 + "\n\n")
-                    samples_file.flush()
+        continue_prefix(writer, prefix, length, processors, seed, args, tally, samples_file)
     print("=" * 80)
-    elapsed = time.time() - start
-    shape = f"{generated} samples x {length} tokens" if not args.stop_at_end else \
-        f"{generated} samples ({sampled_tokens:,} tokens, each ending at the end of an article or after {length})"
-    print(f"{shape} in {elapsed:.1f} s ({sampled_tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
+    elapsed = time.time() - tally.start
+    shape = f"{tally.samples} samples x {length} tokens" if not args.stop_at_end else \
+        f"{tally.samples} samples ({tally.tokens:,} tokens, each ending at the end of an article or after {length})"
+    print(f"{shape} in {elapsed:.1f} s ({tally.tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
     if samples_file:
         samples_file.close()
-        print(f"saved to {samples_path}")
+        print(f"saved to {samples_file.name}")
 
 
 if __name__ == "__main__":

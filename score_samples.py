@@ -9,7 +9,8 @@ from gpt2zh.quality import MAX_4GRAM_REPEATS, MAX_HANZI_RUN, MIN_SENTENCES, scor
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("path", nargs="?", default="mnt/samples.txt", help="samples.txt from generate.py --save_samples")
+    parser.add_argument("path", nargs="?", default="mnt/samples.txt",
+                        help="samples.txt from generate.py --save_samples")
     parser.add_argument("--reference", action="store_true",
                         help="score PATH as a plain text (e.g. the novel), cut into --stretch character pieces")
     parser.add_argument("--stretch", type=int, default=1000, help="characters per stretch with --reference")
@@ -28,7 +29,8 @@ def main():
         raise UserError(f"{path}: no samples found (blocks start with '==== SAMPLE N ====')")
     scores = [score(t) for t in texts]
     if not args.reference:
-        print(f"{'#':>3} {'chars':>6} {'sent.':>6} {'dist-1':>7} {'dist-2':>7} {'run':>4} {'4g×':>4}  pass  longest repeat")
+        print(f"{'#':>3} {'chars':>6} {'sent.':>6} {'dist-1':>7} {'dist-2':>7} {'run':>4} {'4g×':>4}  pass  "
+              f"longest repeat")
         for i, s in enumerate(scores, 1):
             print(f"{i:>3} {s['characters']:>6} {s['sentences']:>6} {s['distinct_1']:>7.3f} {s['distinct_2']:>7.3f} "
                   f"{s['longest_hanzi_run']:>4} {s['max_4gram_repeats']:>4}  {'yes' if s['passes'] else 'no ':>4}  "

@@ -7,8 +7,14 @@ from gpt2zh.errors import run_cli
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # The original's flags: same names, defaults and meaning.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_original_flags(parser)
+    add_new_flags(parser)
+    return parser.parse_args(argv)
+
+
+def add_original_flags(p):
+    """The original's flags: same names, defaults and meaning."""
     p.add_argument("--device", default="0,1,2,3", help="GPU ids to use, e.g. 0,1; ids that do not exist are "
                    "skipped, and with no GPU the CPU is used (or say cpu)")
     p.add_argument("--model_config", default="config/model_config_small.json", help="model settings (JSON)")
@@ -52,7 +58,9 @@ def parse_args(argv=None):
                         "given or present; without either file a BPE is trained on the corpus")
     p.add_argument("--vocab_bpe", default="tokenizations/vocab.bpe",
                    help="with --bpe_token: GPT-2's vocab.bpe (merges)")
-    # Additions.
+
+
+def add_new_flags(p):
     p.add_argument("--segment_min_count", type=int, default=5, help="with --segment: how often a word must occur")
     p.add_argument("--bpe_vocab_size", type=int, default=8000, help="with --bpe_token: tokens of the BPE trained")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -94,7 +102,6 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue the run in --output_dir (or from the checkpoint folder given)")
     p.add_argument("--overwrite", action="store_true", help="delete a previous run in --output_dir and start anew")
-    return p.parse_args(argv)
 
 
 def main():

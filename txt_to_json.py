@@ -12,9 +12,11 @@ def main():
                         help=".txt files or folders to read (folders: every .txt inside, recursively); default data/")
     parser.add_argument("--output", default="data/input.json", help="where to write the JSON list of articles")
     parser.add_argument("--chunk_chars", type=int, default=3000,
-                        help="for text without chapter headings: cut into paragraph-aligned chunks of about this many characters")
+                        help="for text without chapter headings: cut into paragraph-aligned chunks of about this many "
+                             "characters")
     parser.add_argument("--eval_articles", type=int, default=0,
-                        help="hold out the last N articles (e.g. 5 = chapters 96-100 of a 100-chapter novel) for evaluation")
+                        help="hold out the last N articles (e.g. 5 = chapters 96-100 of a 100-chapter novel) for "
+                             "evaluation")
     parser.add_argument("--eval_output", default="data/eval_input.json", help="where the held-out articles go")
     args = parser.parse_args()
     if args.chunk_chars < 1:

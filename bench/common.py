@@ -21,10 +21,11 @@ def flops_per_token(model):
     return 6 * params + 12 * config.n_layer * config.n_embd * config.n_ctx
 
 
-def our_recipe(config, attn_dropout, compile_model, device=torch.device("cpu"), batch_size=1):
+def our_recipe(config, attn_dropout, compile_model, device="cpu", batch_size=1):
     """What train.py does: bf16 autocast, blocked attention with cheap dropout (CPU; its query block chosen by
     train.py's trial), fused loss, fused AdamW, gradient clipping. Returns the model and a function doing one
     optimizer step on a batch of token ids."""
+    device = torch.device(device)
     model = build_model(config, attn_dropout=attn_dropout).to(device).train()
     if attn_dropout and device.type == "cpu":
         choose_dropout_attention(model, batch_size, torch.bfloat16)

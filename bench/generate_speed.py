@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, matmul_peak, read_bandwidth  # noqa: E402
 
 from gpt2zh import native  # noqa: E402
+from gpt2zh.decoding import decode_step, kernel_candidates, measure_kernels  # noqa: E402
 from gpt2zh.devices import bf16_supported  # noqa: E402
 from gpt2zh.model import build_model, count_parameters, load_config  # noqa: E402
-from gpt2zh.decoding import decode_step, kernel_candidates, measure_kernels  # noqa: E402
 from gpt2zh.sampling import make_logits_processors, sample  # noqa: E402
 
 
@@ -95,7 +95,8 @@ def main():
         timings = measure_kernels(model, rows, config.n_ctx // 2, config.n_ctx)  # measured now, not remembered
         chosen = min(timings, key=timings.get) if args.sampling_kernel == "auto" else args.sampling_kernel
         print(f"sampling kernels, a step of {rows} rows over {config.n_ctx // 2} cached tokens (set-up spread over "
-              f"{config.n_ctx} steps): " + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in timings.items())
+              f"{config.n_ctx} steps): "
+              + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in timings.items())
               + f" -> {chosen}")
         step = decode_step(model, kernel_candidates(model)[chosen], rows)
         if chosen.endswith("-cpp"):

@@ -23,7 +23,8 @@ def main():
     parser.add_argument("--output", default="cache/vocab_small.txt", help="where to write the vocabulary")
     parser.add_argument("--size", type=int, default=DEFAULT_VOCAB_SIZE, help="size of the default vocabulary")
     parser.add_argument("--from_json", default=None,
-                        help="build from the characters of this train.json instead (e.g. a novel in traditional characters)")
+                        help="build from the characters of this train.json instead (e.g. a novel in traditional "
+                             "characters)")
     parser.add_argument("--min_count", type=int, default=1, help="with --from_json: keep characters seen this often")
     parser.add_argument("--segment", action="store_true",
                         help="with --from_json: a word vocabulary (every character, plus the words rjieba finds at "

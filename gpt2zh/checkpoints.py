@@ -102,8 +102,10 @@ def check_vocabulary(tokenizer, config, model_name, vocab_name, external):
         start, end, _ = marker_ids(tokenizer)
         recorded = [(value, name, own) for value, name, own in (
             (getattr(config, "bos_token_id", None), ARTICLE_START, start),
-            (getattr(config, "eos_token_id", None), ARTICLE_END, end)) if value is not None and value < config.vocab_size]
-        problems = [f"{name} is id {own} there but {value} in the model" for value, name, own in recorded if value != own]
+            (getattr(config, "eos_token_id", None), ARTICLE_END, end))
+            if value is not None and value < config.vocab_size]
+        problems = [f"{name} is id {own} there but {value} in the model"
+                    for value, name, own in recorded if value != own]
     if len(tokenizer) > config.vocab_size or (external and not recorded and len(tokenizer) != config.vocab_size):
         problems.insert(0, f"{len(tokenizer)} tokens for a model of vocab_size {config.vocab_size}")
     if problems:

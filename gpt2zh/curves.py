@@ -53,7 +53,7 @@ class MetricsLog:
         for key, label in (("train_loss", "training loss"), ("eval_loss", "held-out loss")):
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
-                ax.plot(*zip(*points), label=label, marker="o" if key == "eval_loss" else None)
+                ax.plot(*zip(*points, strict=True), label=label, marker="o" if key == "eval_loss" else None)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats per token)")
         ax.grid(alpha=0.3)

@@ -7,6 +7,8 @@ from .decoding import DecodeStep, choose_kernel, decode_step, preallocated_cache
 from .devices import autocast_dtype
 from .model import context_length
 
+CPU = torch.device("cpu")
+
 
 def make_logits_processors(temperature, top_k, top_p, repetition_penalty, suppress_ids):
     """transformers' processors in its own order: penalties and bans first, then the warpers."""
@@ -101,7 +103,7 @@ class Writer:
     ids never to sample: [UNK], [PAD] and the rows a config's vocab_size reserves beyond the vocabulary, which name
     no token."""
 
-    def __init__(self, model_path, tokenizer_path=None, device=torch.device("cpu"), precision="auto", rows=1,
+    def __init__(self, model_path, tokenizer_path=None, device=CPU, precision="auto", rows=1,
                  kernel="auto", say=print):
         self.model, self.tokenizer = load_model_folder(model_path, tokenizer_path)
         self.model.to(device, dtype=autocast_dtype(device, precision, fp16=False) or torch.float32).eval()

@@ -1,4 +1,5 @@
 """Reading novels (encoding detection), splitting them into articles, and cleaning articles."""
+import itertools
 import json
 import re
 import unicodedata
@@ -19,7 +20,8 @@ BOMS = [  # longest first: the UTF-32 LE BOM starts with the UTF-16 LE one
 
 # A heading line: 第 + a number in Chinese or Arabic digits + a unit (回, 章, 节, 卷, …), short.
 CHAPTER_HEADING = re.compile(
-    r"^[ \t\u3000]*(第[0-9０-９一二三四五六七八九十百千万零〇两壹贰叁肆伍陆柒捌玖拾佰仟]+[回章节卷集部篇])(?:[ \t\u3000:：].*)?$"
+    r"^[ \t\u3000]*(第[0-9０-９一二三四五六七八九十百千万零〇两壹贰叁肆伍陆柒捌玖拾佰仟]+[回章节卷集部篇])"
+    r"(?:[ \t\u3000:：].*)?$"
 )
 MAX_HEADING_CHARS = 60
 
@@ -171,7 +173,7 @@ def split_articles(text, chunk_chars=3000):
     starts = [i for i, line in enumerate(lines) if is_heading(line)]
     if starts:
         bounds = ([0] if starts[0] > 0 else []) + starts + [len(lines)]
-        articles = ["\n".join(lines[a:b]).strip("\n") for a, b in zip(bounds, bounds[1:])]
+        articles = ["\n".join(lines[a:b]).strip("\n") for a, b in itertools.pairwise(bounds)]
     else:
         articles, current, size = [], [], 0
         for line in lines:

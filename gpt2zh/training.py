@@ -174,16 +174,16 @@ def attention_kernel(model, args, processes, resumed):
     return choose_dropout_attention(model, args.batch_size, processes.dtype, resumed, silent)
 
 
-def wrap_for_training(model, args, processes):
+def wrap_for_training(model, args, processes, compile_model=None):
     """The model with its loss, in the run's precision, behind DDP (torchrun), DataParallel (several --device ids)
-    and torch.compile as asked."""
+    and torch.compile as asked (`compile_model`: --compile unless said otherwise)."""
     trained = CausalLMLoss(model, processes.dtype)  # runs in `dtype` in every thread and process that calls it
     if processes.world > 1:
         device_ids = [processes.local_rank] if processes.device.type == "cuda" else None
         trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=device_ids)
     elif len(processes.gpu_ids) > 1:
         trained = torch.nn.DataParallel(trained, device_ids=processes.gpu_ids)
-    if args.compile:
+    if args.compile if compile_model is None else compile_model:
         trained = torch.compile(trained)
     return trained
 
@@ -401,14 +401,38 @@ def out_of_memory_explained(run):
         raise
 
 
+def compile_failed(run, error):
+    """Whether `error` is torch.compile failing to build the model (no C++ compiler for its CPU code, say): then the
+    run goes on without it, said in one line."""
+    if not run.args.compile:
+        return False
+    import torch._dynamo.exc
+
+    if not isinstance(error, torch._dynamo.exc.TorchDynamoException):
+        return False
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    run.say(f"--compile: torch.compile cannot build the model here ({type(error).__name__}: {first_line}); "
+            f"training without it")
+    run.trained = wrap_for_training(run.state.model, run.args, run.processes, compile_model=False)
+    for parameter in run.state.model.parameters():
+        parameter.grad = None  # from the failed attempt, if it got as far as a backward pass
+    return True
+
+
 def take_step(run, batches):
     """optimizer_step at the schedule's learning rate; then the weight average."""
     args, state, progress = run.args, run.state, run.state.progress
     set_learning_rate(state.optimizers, lr_factor(progress.global_step, args.warmup_steps, run.total_steps,
                                                  args.lr_schedule))
     with out_of_memory_explained(run):
-        step_loss = optimizer_step(run.trained, batches, state.optimizers, state.scaler, args.max_grad_norm,
-                                   run.processes.device)
+        try:
+            step_loss = optimizer_step(run.trained, batches, state.optimizers, state.scaler, args.max_grad_norm,
+                                       run.processes.device)
+        except RuntimeError as error:
+            if not compile_failed(run, error):
+                raise
+            step_loss = optimizer_step(run.trained, batches, state.optimizers, state.scaler, args.max_grad_norm,
+                                       run.processes.device)
     progress.global_step += 1
     if state.average is not None and progress.global_step > run.average_after:
         state.average.update(state.model)

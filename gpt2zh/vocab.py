@@ -207,8 +207,8 @@ def build_bpe(articles, vocab_size):
 
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()  # as the BERT-style vocabularies do
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never"),
-                                                       pre_tokenizers.Punctuation()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never"), pre_tokenizers.Punctuation()])
     tokenizer.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="never")
     lines = [line for article in articles for line in article.lower().split("\n")]
     alphabet = sorted({ch for line in lines for ch in line if not ch.isspace()} | set(ASCII_TOKENS) | {SPACE})

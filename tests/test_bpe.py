@@ -121,10 +121,12 @@ def test_train_generate_eval_with_gpt2_bpe_files_at_the_originals_paths(prepared
 
 def test_gpt2_bpe_file_mistakes_are_explained(prepared):
     encoder, merges = write_gpt2_bpe_files(prepared / "gpt2")
-    cases = [(["--bpe_token", "--encoder_json", "gpt2/missing.json", "--vocab_bpe", merges], "--encoder_json gpt2/missing.json: file not found"),
+    cases = [(["--bpe_token", "--encoder_json", "gpt2/missing.json", "--vocab_bpe", merges],
+              "--encoder_json gpt2/missing.json: file not found"),
              (["--encoder_json", encoder, "--vocab_bpe", merges], "are read only with --bpe_token"),
              (["--bpe_token", "--encoder_json", merges, "--vocab_bpe", merges], "not GPT-2 BPE files"),
-             (["--bpe_token", "--tokenizer_path", "cache/vocab_small.txt", "--encoder_json", encoder], "give one vocabulary")]
+             (["--bpe_token", "--tokenizer_path", "cache/vocab_small.txt", "--encoder_json", encoder],
+              "give one vocabulary")]
     for flags, message in cases:
         result = run("train.py", *train_args(**{"--tokenizer_path": None}), "--raw", *flags, cwd=prepared, check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, flags

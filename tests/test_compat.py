@@ -11,8 +11,10 @@ from gpt2zh.text import decode_bytes
 # Our own writing, in three other scripts.
 TRADITIONAL = ("第一回 山中的小廟\n從前有一座山，山裡有一座小廟，廟裡住著一位老和尚。他每天早晨都會到溪邊挑水，"
                "然後回來讀經。有一天，來了一個迷路的孩子，說他找不到回家的路。\n")
-JAPANESE = "第一章 小さな駅\n昔々、山の中に小さな駅がありました。毎朝、おじいさんは駅のベンチに座って、列車が来るのを待っていました。\n"
-KOREAN = "제1장 작은 마을\n옛날 옛적에 산속에 작은 마을이 있었습니다. 매일 아침 할아버지는 강가에 가서 물을 길어 왔습니다.\n"
+JAPANESE = ("第一章 小さな駅\n昔々、山の中に小さな駅がありました。"
+            "毎朝、おじいさんは駅のベンチに座って、列車が来るのを待っていました。\n")
+KOREAN = ("제1장 작은 마을\n옛날 옛적에 산속에 작은 마을이 있었습니다. "
+          "매일 아침 할아버지는 강가에 가서 물을 길어 왔습니다.\n")
 
 
 def test_clr_ctrl_repairs_raw_control_characters_inside_strings(project):
@@ -43,7 +45,8 @@ def test_txt_to_json_reads_novels_only(project):
                          ("old/tokenized_train_0.txt", "tokenized pieces of the original GPT2-Chinese")):
         assert f"data/{name}: skipped ({reason}, not a novel)" in out
     assert "data/story.txt: utf-8" in out
-    assert json.loads((project / "data" / "input.json").read_text(encoding="utf-8"))[0].startswith("第一回 小河边的早晨")
+    articles = json.loads((project / "data" / "input.json").read_text(encoding="utf-8"))
+    assert articles[0].startswith("第一回 小河边的早晨")
 
 
 @pytest.mark.parametrize("text,encoding,name", [(TRADITIONAL, "big5", "Big5 (traditional Chinese)"),

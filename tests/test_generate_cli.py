@@ -23,7 +23,10 @@ def test_reference_command_writes_ten_different_samples(trained):
 def test_same_seed_same_samples_and_uneven_batches_end(trained):
     first = run("generate.py", *REFERENCE, "--seed", "5", "--nsamples", "5", "--batch_size", "2", cwd=trained).stdout
     second = run("generate.py", *REFERENCE, "--seed", "5", "--nsamples", "5", "--batch_size", "2", cwd=trained).stdout
-    samples = lambda out: re.findall(r"SAMPLE \d+ =+\n\n(.*)", out)
+
+    def samples(out):
+        return re.findall(r"SAMPLE \d+ =+\n\n(.*)", out)
+
     assert len(samples(first)) == 5 and samples(first) == samples(second)
     # the 1-row batch at the end has its own kernel trial: its line comes before the streamed text, not inside it
     assert not any("sampling kernel" in text for text in samples(first))

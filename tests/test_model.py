@@ -72,7 +72,7 @@ def test_every_attention_dropout_kernel_agrees_with_the_reference_in_bf16(tmp_pa
             keep[:, start:end, :end], keep_prob = dropout_mask((batch * heads, end - start, end), 0.1)
         expected = reference_attention(*exact, keep.view(batch, heads, length, length), keep_prob)
         expected.backward(grad)
-        for got, want in [(out, expected)] + [(f.grad, e.grad) for f, e in zip(fast, exact)]:
+        for got, want in [(out, expected)] + [(f.grad, e.grad) for f, e in zip(fast, exact, strict=True)]:
             error = (got.double() - want.detach()).norm() / want.detach().norm()
             assert error < 0.02, (name, error.item())
 
@@ -99,7 +99,7 @@ def test_linear_cross_entropy_matches_torch():
     expected = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100)
     expected_grads = torch.autograd.grad(expected, (hidden, weight))
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
-    for got, want in zip(grads, expected_grads):
+    for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 

@@ -35,7 +35,8 @@ def test_short_windows_are_padded_with_ignored_labels():
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "train.json"
-    path.write_text(json.dumps(["第一回\n甲乙丙丁。", "短", "第二回\n戊己庚辛。"], ensure_ascii=False), encoding="utf-8")
+    path.write_text(json.dumps(["第一回\n甲乙丙丁。", "短", "第二回\n戊己庚辛。"], ensure_ascii=False),
+                    encoding="utf-8")
     return path
 
 
@@ -68,7 +69,8 @@ def test_stale_pieces_say_what_changed(corpus, tmp_path):
 
 
 def test_every_article_too_short(corpus, tmp_path):
-    with pytest.raises(UserError, match=r"all 3 articles are shorter than --min_length 100 characters \(the longest has 9\)"):
+    with pytest.raises(UserError,
+                       match=r"all 3 articles are shorter than --min_length 100 characters \(the longest has 9\)"):
         build_pieces(corpus, load_tokenizer(VOCAB), VOCAB, tmp_path / "tok", num_pieces=1, min_length=100)
 
 

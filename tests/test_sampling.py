@@ -46,7 +46,8 @@ def test_unk_is_never_sampled_and_penalty_is_sign_aware():
 def test_output_text_format():
     tokenizer = load_tokenizer(ROOT / "cache" / "vocab_small.txt")
     tokens = ["[MASK]", "第", "一", "[SEP]", "he", "##llo", "world", "！", "[CLS]", "[MASK]", "下"]
-    text = ids_to_text(tokenizer, tokenizer.convert_tokens_to_ids([t if t not in ("he", "world") else "h" for t in tokens]))
+    ids = tokenizer.convert_tokens_to_ids([t if t not in ("he", "world") else "h" for t in tokens])
+    text = ids_to_text(tokenizer, ids)
     assert text.startswith("第一\nh")
     ids = tokenizer.convert_tokens_to_ids(["你", "[SEP]", "a", "##b", "c", "[CLS]", "[MASK]", "好"])
     assert ids_to_text(tokenizer, ids) == "你\nab c\n\n好"

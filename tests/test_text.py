@@ -34,7 +34,8 @@ def test_splits_at_chapter_headings_and_keeps_a_preface():
 
 
 def test_a_sentence_starting_like_a_heading_is_not_one():
-    text = "第一回 开始\n" + "第一回说的是一只猴子从石头里出来以后，在山上和别的猴子一起玩耍，玩了很多很多年，又去学了本事。"
+    text = ("第一回 开始\n"
+            "第一回说的是一只猴子从石头里出来以后，在山上和别的猴子一起玩耍，玩了很多很多年，又去学了本事。")
     assert len(split_articles(text)) == 1
 
 

@@ -123,8 +123,8 @@ def test_reference_commands_run_as_written(tmp_path):
               "--num_pieces", "100", "--raw", cwd=tmp_path).stdout
     assert "number of parameters: 81894144" in out and '"n_layer": 10' in out
     out = run("generate.py", "--device", "1", "--length", "1000", "--tokenizer_path", "cache/vocab_small.txt",
-              "--model_path", "model/final_model", "--prefix", "[CLS]悟空大喝一声", "--topp", "1", "--temperature", "1.0",
-              "--save_samples", "--save_samples_path", "./mnt/", cwd=tmp_path).stdout
+              "--model_path", "model/final_model", "--prefix", "[CLS]悟空大喝一声", "--topp", "1",
+              "--temperature", "1.0", "--save_samples", "--save_samples_path", "./mnt/", cwd=tmp_path).stdout
     assert "10 samples x 1000 tokens" in out
     assert (tmp_path / "mnt" / "samples.txt").read_text(encoding="utf-8").count(" SAMPLE ") == 10
 
@@ -178,3 +178,12 @@ def test_average_from_saves_and_reports_the_averaged_weights(prepared):
     assert abs(result["loss"] - float(loss)) < 1e-3
     result = run("train.py", *train_args(), "--average_from", "1", "--overwrite", cwd=prepared, check=False)
     assert result.returncode == 2 and "--average_from 1.0: must be in [0, 1)" in result.stderr
+
+
+def test_compile_that_cannot_build_trains_without_it(prepared):
+    """--compile (advised for GPUs) where torch.compile cannot build (no C++ compiler for its CPU code, as on a
+    Windows machine without one): one line says so and the run trains without it."""
+    result = run("train.py", *train_args(**{"--epochs": 1}), "--raw", "--compile", cwd=prepared,
+                 env={"CXX": str(prepared / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(prepared / "inductor")})
+    assert "--compile: torch.compile cannot build the model here (InductorError: " in result.stdout
+    assert "training without it" in result.stdout and (prepared / "model" / "final_model").is_dir()

@@ -41,7 +41,7 @@ def server(tmp_path_factory, request):
             break
         except OSError:
             if process.poll() is not None or time.time() - started > 60:
-                raise AssertionError(f"web_demo.py did not start:\n{process.stdout.read()}")
+                raise AssertionError(f"web_demo.py did not start:\n{process.stdout.read()}") from None
             time.sleep(0.2)
     yield url
     process.terminate()
