@@ -7,7 +7,9 @@ from gpt2zh.errors import UserError, run_cli
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="0,1,2,3", help="GPU ids (the first existing one is used); CPU without GPUs")
+    p.add_argument("--device", default="0,1,2,3",
+                   help="GPU ids (the first existing one is used), mps (a Mac's GPU) or cpu; with none of the GPUs "
+                        "named: a Mac's GPU where there is one, else the CPU")
     p.add_argument("--model_config", default="config/model_config_small.json",
                    help="unused: the config is read from --pretrained_model")
     p.add_argument("--tokenizer_path", default=None,

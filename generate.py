@@ -10,7 +10,9 @@ from gpt2zh.errors import UserError, run_cli
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # The original's flags.
-    p.add_argument("--device", default="0,1,2,3", help="GPU ids (the first existing one is used); CPU without GPUs")
+    p.add_argument("--device", default="0,1,2,3",
+                   help="GPU ids (the first existing one is used), mps (a Mac's GPU) or cpu; with none of the GPUs "
+                        "named: a Mac's GPU where there is one, else the CPU")
     p.add_argument("--length", type=int, default=-1, help="tokens to generate; -1: the model's n_ctx")
     p.add_argument("--batch_size", type=int, default=None,
                    help="samples drawn at once (default: all --nsamples in one batch)")

@@ -16,7 +16,7 @@ def parse_args(argv=None):
 def add_original_flags(p):
     """The original's flags: same names, defaults and meaning."""
     p.add_argument("--device", default="0,1,2,3", help="GPU ids to use, e.g. 0,1; ids that do not exist are "
-                   "skipped, and with no GPU the CPU is used (or say cpu)")
+                   "skipped; with no GPU a Mac's GPU (mps) where there is one, else the CPU (or say mps or cpu)")
     p.add_argument("--model_config", default="config/model_config_small.json", help="model settings (JSON)")
     p.add_argument("--tokenizer_path", default=None,
                    help="vocabulary, one token a line (or a folder with one); default: cache/vocab_small.txt, or with "
@@ -75,9 +75,9 @@ def add_new_flags(p):
     p.add_argument("--max_steps", type=int, default=0,
                    help="train this many optimizer steps instead of --epochs epochs (the last epoch may end part-way)")
     p.add_argument("--time_budget", type=float, default=0,
-                   help="minutes the whole run may take, held-out evaluations and saves included, instead of --epochs: "
-                        "the speed of the first steps fixes the number of steps (printed, and kept in the checkpoint "
-                        "so that --resume continues the same run)")
+                   help="minutes the whole run may take, held-out evaluations and saves included: the speed of the "
+                        "first steps fixes the number of steps (at most --epochs epochs; printed, and kept in the "
+                        "checkpoint so that --resume continues the same run)")
     p.add_argument("--weight_decay", type=float, default=0.0,
                    help="decoupled weight decay of the weight matrices (AdamW's, and Muon's with --optimizer muon)")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",

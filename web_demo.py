@@ -14,7 +14,9 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 makes the page reachable from other machines")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
-    p.add_argument("--device", default="0,1,2,3", help="GPU ids (the first existing one is used); CPU without GPUs")
+    p.add_argument("--device", default="0,1,2,3",
+                   help="GPU ids (the first existing one is used), mps (a Mac's GPU) or cpu; with none of the GPUs "
+                        "named: a Mac's GPU where there is one, else the CPU")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 weights where the hardware has fast bf16")
     return p.parse_args(argv)

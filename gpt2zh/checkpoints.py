@@ -53,9 +53,12 @@ def save_model_folder(model, tokenizer, folder, extra=None):
 
 
 def rng_states():
+    """The random generators' states: the CPU's, every CUDA GPU's, an Apple GPU's."""
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        states["mps"] = torch.mps.get_rng_state()
     return states
 
 
@@ -63,6 +66,8 @@ def set_rng_states(states):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+    if "mps" in states and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"])
 
 
 def save_checkpoint(output_dir, model, tokenizer, state):

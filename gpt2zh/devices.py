@@ -1,5 +1,5 @@
-"""Which device and precision to run with: --device ids against the GPUs that exist, torchrun's processes,
-and the autocast dtype the hardware supports."""
+"""Which device and precision to run with: --device (GPU ids, mps or cpu) against what this machine has,
+torchrun's processes, and the autocast dtype the hardware supports."""
 import os
 import platform
 
@@ -9,16 +9,16 @@ from .errors import UserError
 
 
 def parse_device_ids(spec, flag="--device"):
-    """'0,1' -> [0, 1]; 'cpu' -> []. Anything else is the user's mistake."""
+    """'0,1' -> [0, 1]; 'cpu' and 'mps' -> []. Anything else is the user's mistake."""
     spec = spec.strip().lower()
-    if spec in ("cpu", ""):
+    if spec in ("cpu", "mps", ""):
         return []
     ids = []
     for part in spec.split(","):
         part = part.strip().removeprefix("cuda:")
         if not part.isdigit():
             raise UserError(f"{flag} {spec}: GPU ids are whole numbers separated by commas, e.g. {flag} 0,1 "
-                            f"(or {flag} cpu)")
+                            f"(or {flag} mps for a Mac's GPU, or {flag} cpu)")
         ids.append(int(part))
     return list(dict.fromkeys(ids))
 
@@ -60,16 +60,36 @@ def distributed_device(spec, local_rank):
     return torch.device(f"cuda:{local_rank}")
 
 
+def mps_available():
+    """Whether this machine has an Apple GPU torch can use (Apple Silicon, macOS 12.3 or later)."""
+    return torch.backends.mps.is_available()
+
+
 def pick_device(spec, flag="--device", say=print):
-    """The device a single-process run uses (the first GPU of `spec` that exists, else the CPU) and the ids
-    of all the GPUs of `spec` that exist."""
+    """The device a single-process run uses and the ids of all the GPUs of `spec` that exist: the first GPU of
+    `spec` that exists; where `spec` names GPUs and there is none, a Mac's GPU (mps) where there is one, else the CPU;
+    `mps` asks for the Mac's GPU."""
+    if spec.strip().lower() == "mps":
+        if not mps_available():
+            raise UserError(f"{flag} mps: this machine has no Apple GPU that torch can use "
+                            f"(torch.backends.mps.is_available() is False); use {flag} cpu")
+        say("device: Apple GPU (mps)")
+        return torch.device("mps"), []
+    if parse_device_ids(spec, flag) and not torch.cuda.is_available() and mps_available():
+        say(f"device: Apple GPU (mps) ({flag} {spec} names CUDA GPUs; this machine has none, but an Apple GPU)")
+        return torch.device("mps"), []
     gpu_ids = resolve_devices(spec, flag, say)
     return torch.device(f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu"), gpu_ids
 
 
 def bf16_supported(device):
+    """Whether `device` computes in bf16 at speed: CUDA GPUs that have it, Apple GPUs on macOS 14 or later (asked
+    for with --precision bf16), CPUs with AVX512-BF16 or AMX."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if device.type == "mps":
+        newer = getattr(torch.backends.mps, "is_macos_or_newer", None)
+        return bool(newer and newer(14, 0))
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -83,6 +103,8 @@ def autocast_dtype(device, precision, fp16):
         return None
     if precision == "bf16" and not bf16_supported(device):
         raise UserError(f"--precision bf16: this {device.type.upper()} has no fast bf16; use --precision fp32")
+    if device.type == "mps" and precision == "auto":
+        return None  # torch's bf16 on Apple GPUs is young: asked for, not assumed
     return torch.bfloat16 if bf16_supported(device) else None
 
 

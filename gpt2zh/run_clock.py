@@ -25,20 +25,25 @@ def duration(seconds):
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def time_one_window(trained, batch, device):
     """Seconds of one forward and backward pass over `batch` [(input_ids, labels)] of `trained` (unwrapped: no
     gradient exchange), the random generators and the gradients left as they were: the run is not changed by it."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
+    from .checkpoints import rng_states, set_rng_states
+
+    states = rng_states()
+    try:
         start = time.perf_counter()
         trained(*batch).mean().backward()
         synchronize(device)
-        seconds = time.perf_counter() - start
-    for parameter in trained.parameters():
-        parameter.grad = None
-    return seconds
+        return time.perf_counter() - start
+    finally:
+        set_rng_states(states)
+        for parameter in trained.parameters():
+            parameter.grad = None
 
 
 class RunClock:

@@ -612,7 +612,7 @@ def first_estimate(run):
     clock, progress = run.clock, run.state.progress
     clock.epoch_seconds = epoch_end_estimate(run, step_seconds)
     if not progress.length_fixed:
-        progress.total_steps = clock.steps_in_budget(progress.global_step, step_seconds, run.steps_per_epoch)
+        progress.total_steps = steps_in_budget(run, step_seconds)
     if step_seconds > 5:
         clock.step_seconds = step_seconds
         announce_length(run, f"estimated from one window: about {step_seconds:.0f} s a step; measured again after "
@@ -632,6 +632,12 @@ def time_epoch_end(run):
     return passes * (evaluated - start) + 2 * (time.time() - evaluated)
 
 
+def steps_in_budget(run, step_seconds):
+    """--time_budget's number of steps at `step_seconds` a step, at most --epochs epochs."""
+    fit = run.clock.steps_in_budget(run.state.progress.global_step, step_seconds, run.steps_per_epoch)
+    return min(fit, run.args.epochs * run.steps_per_epoch)
+
+
 def speed_known(run):
     """Once the first steps are measured: --time_budget's number of steps fixed, the whole run said."""
     clock, progress = run.clock, run.state.progress
@@ -641,7 +647,7 @@ def speed_known(run):
         clock.epoch_seconds = epoch_end_estimate(run, clock.step_seconds)
     else:
         clock.epoch_seconds = time_epoch_end(run)
-        progress.total_steps = clock.steps_in_budget(progress.global_step, clock.step_seconds, run.steps_per_epoch)
+        progress.total_steps = steps_in_budget(run, clock.step_seconds)
         progress.length_fixed = True
         how += (f"; --time_budget {run.args.time_budget:g} min: the steps that fit, with {clock.epoch_seconds:.0f} s "
                 f"of held-out loss and saving an epoch")

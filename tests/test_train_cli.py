@@ -187,3 +187,32 @@ def test_compile_that_cannot_build_trains_without_it(prepared):
                  env={"CXX": str(prepared / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(prepared / "inductor")})
     assert "--compile: torch.compile cannot build the model here (InductorError: " in result.stdout
     assert "training without it" in result.stdout and (prepared / "model" / "final_model").is_dir()
+
+
+def test_device_mps_is_chosen_where_there_is_one_and_explained_where_there_is_none(monkeypatch):
+    """Apple Silicon (simulated: torch.backends.mps.is_available mocked; the Mac path is untested on real hardware):
+    --device mps takes the Apple GPU, the default GPU ids fall back to it before the CPU, and asking for it where there
+    is none is one clear line. Its precision is fp32 unless bf16 is asked for (macOS 14 or later)."""
+    from gpt2zh.devices import autocast_dtype, pick_device
+    from gpt2zh.errors import UserError
+
+    said = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("mps", say=said.append)[0].type == "mps"
+    assert pick_device("0,1,2,3", say=said.append)[0].type == "mps" and "names CUDA GPUs" in said[-1]
+    assert pick_device("cpu", say=said.append)[0].type == "cpu"
+    assert autocast_dtype(torch.device("mps"), "auto", fp16=False) is None
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("0,1,2,3", say=said.append)[0].type == "cpu"
+    with pytest.raises(UserError, match="--device mps: this machine has no Apple GPU"):
+        pick_device("mps", say=said.append)
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py", "eval.py"])
+def test_device_mps_without_an_apple_gpu_is_one_line(prepared, script):
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    result = run(script, "--device", "mps", cwd=prepared, check=False)
+    assert result.returncode == 2 and "--device mps: this machine has no Apple GPU" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,163 @@
+"""The CPU preset (cpu_preset.py): a novel to a trained model, its held-out loss and ten scored samples in a fixed
+time on whatever CPU runs it. The model's size and recipe come from this machine's measured speed; every stage
+leaves its files, so the same command run again skips what is done and continues training from its checkpoint."""
+import hashlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .fileio import write_json_atomic
+from .text import find_txt_files, read_novel, split_articles
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_NOVEL = ROOT / "examples" / "sample_novel.txt"
+WHERE_TO_GET_A_NOVEL = ("a public-domain novel, e.g. 《西游记》 from Chinese Wikisource "
+                        "(zh.wikisource.org/wiki/西遊記) or Project Gutenberg "
+                        "(gutenberg.org/ebooks/search/?query=西遊記), saved as UTF-8 .txt in data/")
+AFTER_TRAINING = 90  # seconds kept for eval.py, generate.py and score_samples.py (about 30 s on 2 cores)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A model size and how it is trained: one row of the table RECIPES."""
+    name: str
+    config: str  # under config/
+    flags: tuple  # train.py's flags beyond the preset's common ones
+    epochs: int  # at most (the time budget decides)
+
+
+# Which recipe gives the lowest held-out loss for the tokens a budget buys, measured on 《西游记》 (chapters 96-100
+# held out; docs/BENCHMARKS.md, "CPU preset: size and recipe by speed"): a machine is given the first row whose
+# `tokens` its speed reaches in the budget with the reference model (config/model_config_cpu.json).
+RECIPES = (
+    (6.0e6, Recipe("4 x 320, input noise 0.1", "model_config_cpu.json", ("--input_noise", "0.1"), 12)),
+    (2.5e6, Recipe("4 x 320", "model_config_cpu.json", (), 12)),
+    (0.0, Recipe("4 x 256", "model_config_cpu_small.json", (), 12)),
+)
+REFERENCE_CONFIG = "model_config_cpu.json"
+
+
+def cores():
+    """CPU cores this process may run on (taskset and containers narrow os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def training_processes(available):
+    """(processes, threads each): two torchrun processes of half the cores where torchrun runs well (Linux: on 2
+    cores two 1-thread processes train faster than one of 2 threads, docs/BENCHMARKS.md), else one process."""
+    if platform.system() == "Linux":
+        return 2, max(1, available // 2)
+    return 1, available
+
+
+def tokens_per_second(config_path, processes, threads, batch_size, seconds=4.0):
+    """Training tokens a second of the model `config_path` on this machine: optimizer steps of `batch_size` windows
+    timed in this process with `threads` threads, times the processes that run side by side on these cores."""
+    import torch
+
+    from .devices import autocast_dtype
+    from .model import CausalLMLoss, build_model, context_length, load_config
+
+    torch.set_num_threads(threads)
+    config = load_config(config_path)
+    model = build_model(config).train()
+    loss = CausalLMLoss(model, autocast_dtype(torch.device("cpu"), "auto", fp16=False))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    batch = torch.randint(0, config.vocab_size, (batch_size, context_length(config)))
+    steps, start = -1, 0.0
+    while steps < 2 or time.perf_counter() - start < seconds:
+        if steps == 0:
+            start = time.perf_counter()  # after one warm-up step
+        loss(batch, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+    side_by_side = min(processes, max(1, cores() // threads))
+    return steps * batch.numel() / (time.perf_counter() - start) * side_by_side
+
+
+def choose_recipe(train_seconds, speed):
+    """The table's recipe for the tokens `speed` (reference model's tokens a second) buys in `train_seconds`."""
+    tokens = speed * train_seconds
+    return next(recipe for least, recipe in RECIPES if tokens >= least), tokens
+
+
+@dataclass
+class PresetState:
+    """model/cpu_preset/preset.json: the novel, the recipe chosen, the stages done and when the run started (a
+    rerun of the same command goes on from there; another novel or seed starts anew)."""
+    novel_sha256: str
+    seed: int
+    minutes: float
+    recipe: str = ""
+    started: float = 0.0
+    budget: float = 0.0  # train.py's --time_budget, minutes (a resumed run is given the same)
+    done: tuple = ()
+
+    @classmethod
+    def load(cls, path):
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def save(self, path):
+        write_json_atomic(path, {**asdict(self), "done": list(self.done)})
+
+
+def novel_files(novel, say):
+    """The novel to train on: the file given, else the .txt novels in data/, else the project's small sample."""
+    if novel:
+        if not Path(novel).is_file():
+            raise UserError(f"{novel}: no such file; give the novel's .txt file ({WHERE_TO_GET_A_NOVEL})")
+        return [Path(novel)]
+    data = ROOT / "data"
+    try:
+        return find_txt_files([data], say=lambda line: None)
+    except UserError:
+        say(f"no novel in {data}: training on the project's own small sample {SAMPLE_NOVEL.name}, a demonstration "
+            f"(for a real model put {WHERE_TO_GET_A_NOVEL})")
+        return [SAMPLE_NOVEL]
+
+
+def fingerprint(files):
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+def held_out_articles(files):
+    """How many of the last articles to hold out: 5 (chapters 96-100 of 《西游记》), fewer for a short novel."""
+    articles = sum(len(split_articles(read_novel(path)[0])) for path in files)
+    return max(1, min(5, articles // 10))
+
+
+def run_script(args, env=None):
+    """A project script run as a user would (sys.executable, from the project root); a failure ends the preset.
+    Ctrl-C reaches the script from the terminal (train.py saves a checkpoint and stops): the preset waits for it;
+    SIGTERM is passed on to it."""
+    process = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env={**os.environ, **(env or {})})
+    forward = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
+    try:
+        while True:
+            try:
+                status = process.wait()
+                break
+            except KeyboardInterrupt:
+                continue  # the script got the same Ctrl-C and is stopping
+    finally:
+        signal.signal(signal.SIGTERM, forward)
+    if status != 0:
+        raise UserError(f"`python {' '.join(map(str, args))}` stopped (exit status {status}); see above. Run the "
+                        f"same command again to continue from where it stopped")
