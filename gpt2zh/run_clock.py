@@ -55,22 +55,26 @@ class RunClock:
         self.started = started
         self.budget = budget_minutes * 60 if budget_minutes else None
         self.step_seconds = None
+        self.estimate = None  # seconds a step, from one window timed before the first
         self.epoch_seconds = 0.0
         self.first = None  # (time, step) the measurement started from
 
     def elapsed(self):
         return time.time() - self.started
 
-    def measure(self, global_step):
-        """Call after every step; returns True at the step where the speed becomes known. The first step of the
-        process (allocations, kernel set-up) is not counted."""
+    def measure(self, global_step, last_chance=False):
+        """Call after every step; returns True at the step where the speed becomes known: after MEASURE_SECONDS and
+        MEASURE_STEPS, or at `last_chance` with what was measured by then (the estimate if nothing was). The first
+        step of the process (allocations, kernel set-up) is not counted."""
         if self.step_seconds is not None:
             return False
         if self.first is None:
             self.first = (time.perf_counter(), global_step)
-            return False
+            if last_chance:
+                self.step_seconds = self.estimate
+            return last_chance
         seconds, steps = time.perf_counter() - self.first[0], global_step - self.first[1]
-        if (seconds >= MEASURE_SECONDS and steps >= MEASURE_STEPS) or steps >= MEASURE_MAX_STEPS:
+        if (seconds >= MEASURE_SECONDS and steps >= MEASURE_STEPS) or steps >= MEASURE_MAX_STEPS or last_chance:
             self.step_seconds = seconds / steps
             return True
         return False

@@ -610,6 +610,7 @@ def first_estimate(run):
     estimate said at once; --time_budget gets a first number of steps (warm-up does not depend on it)."""
     step_seconds = time_a_window(run) * run.args.batch_size * run.args.gradient_accumulation
     clock, progress = run.clock, run.state.progress
+    clock.estimate = step_seconds
     clock.epoch_seconds = epoch_end_estimate(run, step_seconds)
     if not progress.length_fixed:
         progress.total_steps = steps_in_budget(run, step_seconds)
@@ -688,7 +689,9 @@ def train_epoch(run, stop):
     for step_in_epoch in range(first_step, run.steps_per_epoch):
         batches, tokens = micro_batches(run, order, step_in_epoch)
         step_loss = take_step(run, batches)
-        if run.clock.measure(progress.global_step):
+        # --time_budget's number of steps is fixed by the end of warm-up at the latest: the decay is laid over it
+        warm = not progress.length_fixed and progress.global_step >= args.warmup_steps
+        if run.clock.measure(progress.global_step, last_chance=warm):
             speed_known(run)
             bar.resize(run)
         window.add(step_loss, tokens)

@@ -1,9 +1,11 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 
+import torch
 from conftest import ROOT, run, train_args
 from safetensors.torch import load_file
 
@@ -83,3 +85,28 @@ def test_a_save_killed_half_way_keeps_the_previous_checkpoint(tmp_path):
     assert (final / "state").read_text() == "old"
     replace_dir_atomic(tmp, final)
     assert (final / "state").read_text() == "new, half written" and not final.with_name("checkpoint.old").exists()
+
+
+def test_a_time_budget_run_resumes_to_the_weights_of_its_number_of_steps(prepared):
+    """--time_budget fixes the number of steps once the first are timed and keeps it in the checkpoint: interrupted
+    and resumed, the run takes exactly those steps (no new timing), ending with the weights of --max_steps N."""
+    flags = train_args(**{"--epochs": 40, "--log_step": 1, "--batch_size": 2, "--lr_schedule": "cosine"})
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, "--raw", "--time_budget", "0.4",
+                                "--output_dir", "budget"], cwd=prepared, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    output = ""
+    for line in process.stdout:
+        output += line
+        if "the steps that fit" in output and re.search(r"step \d+/\d+: loss", line):
+            process.send_signal(signal.SIGINT)
+            break
+    output += process.stdout.read()
+    assert process.wait(timeout=300) == 130, output
+    total = int(re.search(r"([\d,]+) steps, about .* the steps that fit", output).group(1).replace(",", ""))
+    resumed = run("train.py", *flags, "--time_budget", "0.4", "--output_dir", "budget", "--resume",
+                  cwd=prepared).stdout
+    assert f"of {total}" in resumed and "the steps that fit" not in resumed
+    run("train.py", *flags, "--max_steps", total, "--output_dir", "fixed", cwd=prepared)
+    budget = load_file(prepared / "budget" / "final_model" / "model.safetensors")
+    fixed = load_file(prepared / "fixed" / "final_model" / "model.safetensors")
+    assert all(torch.equal(budget[name], fixed[name]) for name in fixed)
