@@ -4,6 +4,7 @@ samples of 1000 characters, scored. Run the same command again to continue an in
 skipped and training goes on from its checkpoint. Files: data/cpu_preset/, model/cpu_preset/, mnt/cpu_preset/."""
 import argparse
 import time
+from pathlib import Path
 
 from gpt2zh.errors import UserError, run_cli
 
@@ -25,16 +26,16 @@ def parse_args(argv=None):
 def prepare(novels, held_out, work):
     from gpt2zh.preset import run_script
 
-    run_script(["txt_to_json.py", *novels, "--eval_articles", held_out, "--output", f"{work}/input.json",
+    run_script("txt_to_json.py", [*novels, "--eval_articles", held_out, "--output", f"{work}/input.json",
                 "--eval_output", f"{work}/eval_input.json"])
-    run_script(["clr_ctrl.py", "--input", f"{work}/input.json", "--output", f"{work}/train.json"])
-    run_script(["clr_ctrl.py", "--input", f"{work}/eval_input.json", "--output", f"{work}/eval.json"])
-    run_script(["cache/make_vocab.py", "--from_json", f"{work}/train.json", "--output", f"{work}/vocab.txt"])
+    run_script("clr_ctrl.py", ["--input", f"{work}/input.json", "--output", f"{work}/train.json"])
+    run_script("clr_ctrl.py", ["--input", f"{work}/eval_input.json", "--output", f"{work}/eval.json"])
+    run_script("cache/make_vocab.py", ["--from_json", f"{work}/train.json", "--output", f"{work}/vocab.txt"])
 
 
 def pick_recipe(args, state, deadline, processes, threads):
     """The recipe: the one a resumed run chose, --recipe's, or the table's for this machine's measured speed."""
-    from gpt2zh.preset import RECIPES, REFERENCE_CONFIG, ROOT, choose_recipe, tokens_per_second
+    from gpt2zh.preset import RECIPES, REFERENCE_CONFIG, choose_recipe, tokens_per_second
     from gpt2zh.run_clock import duration
 
     recipes = {recipe.name: recipe for _, recipe in RECIPES}
@@ -44,7 +45,7 @@ def pick_recipe(args, state, deadline, processes, threads):
         if args.recipe not in recipes:
             raise UserError(f"--recipe {args.recipe}: not one of: auto, {', '.join(recipes)}")
         return recipes[args.recipe]
-    speed = tokens_per_second(ROOT / "config" / REFERENCE_CONFIG, processes, threads, 8 // processes)
+    speed = tokens_per_second(Path("config") / REFERENCE_CONFIG, processes, threads, 8 // processes)
     train_seconds = deadline - time.time()
     recipe, tokens = choose_recipe(train_seconds, speed)
     print(f"this machine trains the reference model at about {speed:,.0f} tokens/s: {tokens / 1e6:.1f}M tokens in "
@@ -55,29 +56,27 @@ def pick_recipe(args, state, deadline, processes, threads):
 def train(args, recipe, budget, processes, threads, resume):
     from gpt2zh.preset import run_script
 
-    launch = (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", processes]
-              if processes > 1 else [])
-    run_script([*launch, "train.py", "--model_config", f"config/{recipe.config}", "--tokenizer_path",
+    run_script("train.py", ["--model_config", f"config/{recipe.config}", "--tokenizer_path",
                 f"{WORK}/vocab.txt", "--raw_data_path", f"{WORK}/train.json", "--tokenized_data_path",
                 f"{WORK}/tokenized/", "--raw", "--num_pieces", 1, "--stride", 256, "--batch_size", 8 // processes,
                 "--epochs", recipe.epochs, "--time_budget", budget, "--lr", "1e-3", "--warmup_steps", 100,
                 "--lr_schedule", "cosine", "--weight_decay", 0.1, "--log_step", 50, "--seed", args.seed,
                 "--device", "cpu", "--eval_data_path", f"{WORK}/eval.json", "--output_dir", f"{OUTPUT}/",
                 "--writer_dir", f"{OUTPUT}/tensorboard/", *recipe.flags, "--resume" if resume else "--overwrite"],
-               env={"OMP_NUM_THREADS": str(threads)})
+               processes, threads)
 
 
 def evaluate_and_write(args):
     from gpt2zh.preset import run_script
 
-    run_script(["eval.py", "--pretrained_model", f"{OUTPUT}/final_model", "--raw_data_path", f"{WORK}/eval.json",
+    run_script("eval.py", ["--pretrained_model", f"{OUTPUT}/final_model", "--raw_data_path", f"{WORK}/eval.json",
                 "--tokenized_data_path", f"{WORK}/tokenized_eval/", "--raw", "--num_pieces", 1, "--stride", 128,
                 "--log_step", 20, "--device", "cpu", "--output_dir", f"{OUTPUT}/"])
-    run_script(["generate.py", "--model_path", f"{OUTPUT}/final_model", "--device", "cpu", "--length", 1000,
+    run_script("generate.py", ["--model_path", f"{OUTPUT}/final_model", "--device", "cpu", "--length", 1000,
                 "--nsamples", 10, "--prefix", "[CLS]却说那大圣", "--topk", 40, "--topp", 1, "--temperature", 1.0,
                 "--repetition_penalty", 1.25, "--seed", args.seed, "--save_samples", "--save_samples_path",
                 f"{SAMPLES}/"])
-    run_script(["score_samples.py", f"{SAMPLES}/samples.txt", "--json", f"{OUTPUT}/sample_scores.json"])
+    run_script("score_samples.py", [f"{SAMPLES}/samples.txt", "--json", f"{OUTPUT}/sample_scores.json"])
 
 
 def main():
@@ -89,7 +88,7 @@ def main():
     from gpt2zh.run_clock import duration
 
     novels = preset.novel_files(args.novel, print)
-    state_path = preset.ROOT / OUTPUT / "preset.json"
+    state_path = Path(OUTPUT) / "preset.json"
     fresh = preset.PresetState(preset.fingerprint(novels), args.seed, args.minutes, started=started)
     state = preset.PresetState.load(state_path)
     if state is None or (state.novel_sha256, state.seed, state.minutes) != (fresh.novel_sha256, fresh.seed,
@@ -104,13 +103,13 @@ def main():
     available = preset.cores()
     processes, threads = preset.training_processes(available)
     print(f"{available} cores: training in {processes} process(es) of {threads} thread(s)")
-    deadline = state.started + args.minutes * 60 - preset.AFTER_TRAINING
+    deadline = state.started + args.minutes * 60 - min(preset.AFTER_TRAINING, args.minutes * 15)
     if "data" not in state.done:
         prepare(novels, preset.held_out_articles(novels), WORK)
         state.done += ("data",)
         state.save(state_path)
     if "trained" not in state.done:
-        resume = "training" in state.done and (preset.ROOT / OUTPUT / "checkpoint").is_dir()
+        resume = "training" in state.done and (Path(OUTPUT) / "checkpoint").is_dir()
         if not resume:
             recipe = pick_recipe(args, state, deadline, processes, threads)
             launching = 10  # seconds before train.py's clock starts (torchrun, imports)

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,8 +54,8 @@ def cores():
 
 
 def training_processes(available):
-    """(processes, threads each): two torchrun processes of half the cores where torchrun runs well (Linux: on 2
-    cores two 1-thread processes train faster than one of 2 threads, docs/BENCHMARKS.md), else one process."""
+    """(processes, threads each): on Linux two processes of half the cores (on 2 cores two 1-thread processes train
+    faster than one of 2 threads, docs/BENCHMARKS.md), elsewhere one process."""
     if platform.system() == "Linux":
         return 2, max(1, available // 2)
     return 1, available
@@ -121,7 +122,7 @@ def novel_files(novel, say):
         if not Path(novel).is_file():
             raise UserError(f"{novel}: no such file; give the novel's .txt file ({WHERE_TO_GET_A_NOVEL})")
         return [Path(novel)]
-    data = ROOT / "data"
+    data = Path("data")
     try:
         return find_txt_files([data], say=lambda line: None)
     except UserError:
@@ -143,21 +144,47 @@ def held_out_articles(files):
     return max(1, min(5, articles // 10))
 
 
-def run_script(args, env=None):
-    """A project script run as a user would (sys.executable, from the project root); a failure ends the preset.
-    Ctrl-C reaches the script from the terminal (train.py saves a checkpoint and stops): the preset waits for it;
-    SIGTERM is passed on to it."""
-    process = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env={**os.environ, **(env or {})})
-    forward = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_script(script, args, processes=1, threads=None):
+    """A project script run as a user would (sys.executable, in this folder); a failure ends the preset. With several
+    `processes`, one torch.distributed run of them (what `torchrun --standalone` sets up, without its page of
+    traceback when a process stops): the first prints, the others are quiet. Ctrl-C reaches the scripts from the
+    terminal (train.py saves a checkpoint and stops) and the preset waits for them; SIGTERM is passed on."""
+    command = [sys.executable, str(ROOT / script), *map(str, args)]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    if processes > 1:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(processes),
+                   LOCAL_WORLD_SIZE=str(processes))
+    workers = [subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)} if processes > 1
+                                else env, stdout=None if rank == 0 else subprocess.DEVNULL)
+               for rank in range(processes)]
+    status = wait_for(workers)
+    if status != 0:
+        raise UserError(f"`python {script} {' '.join(map(str, args))}` stopped (exit status {status}); see above. "
+                        f"Run the same command again to continue from where it stopped")
+
+
+def wait_for(workers, grace=60):
+    """The first non-zero exit status of `workers` (0 if none): when one fails, the others get `grace` seconds to
+    stop (they would wait for it for ever) before they are ended."""
+    forward = signal.signal(signal.SIGTERM, lambda signum, frame: [w.send_signal(signal.SIGTERM) for w in workers])
+    failed_at = None
     try:
-        while True:
+        while any(w.poll() is None for w in workers):
             try:
-                status = process.wait()
-                break
+                time.sleep(0.2)
             except KeyboardInterrupt:
-                continue  # the script got the same Ctrl-C and is stopping
+                continue  # the scripts got the same Ctrl-C and are stopping
+            if failed_at is None and any(w.poll() for w in workers):
+                failed_at = time.time()
+            if failed_at is not None and time.time() - failed_at > grace:
+                for worker in workers:
+                    worker.kill()
     finally:
         signal.signal(signal.SIGTERM, forward)
-    if status != 0:
-        raise UserError(f"`python {' '.join(map(str, args))}` stopped (exit status {status}); see above. Run the "
-                        f"same command again to continue from where it stopped")
+    return next((w.returncode for w in workers if w.returncode), 0)

@@ -32,6 +32,7 @@ from .pieces import make_batch, noise_inputs
 from .run_clock import RunClock, duration, time_one_window
 from .run_inputs import load_training_data, model_and_vocabulary
 
+STOP_CHECK = 10  # steps between torchrun's GPU processes agreeing whether a signal stops the run
 # Flags that define the sequence of optimizer steps: a resumed run must use the same ones.
 RUN_SETTINGS = ("model_config", "stride", "batch_size", "gradient_accumulation", "epochs", "num_pieces",
                 "min_length", "lr", "warmup_steps", "lr_schedule", "weight_decay", "seed", "eval_ratio", "bpe_token",
@@ -678,6 +679,18 @@ class StopRequest:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    def agreed(self, processes, step):
+        """Whether to stop now. Under torchrun every process must stop after the same step (a signal reaches them
+        at different moments, and one that stops alone leaves the others waiting): they agree after every step on
+        the CPU, every STOP_CHECK steps on GPUs (reading the answer waits for the GPU); a single process at once."""
+        if processes.world == 1:
+            return self.signal is not None
+        if processes.device.type == "cuda" and step % STOP_CHECK:
+            return False
+        flag = torch.tensor([float(self.signal is not None)], device=processes.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
 
 def train_epoch(run, stop):
     """The steps of the current epoch from where the run stands, to its end or the run's. Returns False when a stop
@@ -704,8 +717,8 @@ def train_epoch(run, stop):
             tqdm.write(f"step {progress.global_step}: held-out loss {evaluate_held_out(run)['loss']:.4f}")
         if last_of_epoch:
             break  # the end of the epoch saves (and honours a stop request) in train()
-        if stop.signal is not None:
-            save_checkpoint(run, signal.Signals(stop.signal).name)
+        if stop.agreed(run.processes, progress.global_step):
+            save_checkpoint(run, signal.Signals(stop.signal or signal.SIGINT).name)
             run.say(f"stopped at step {progress.global_step}; continue with the same command plus --resume")
             return False
         if (args.save_every and progress.global_step % args.save_every == 0) or \
@@ -736,7 +749,7 @@ def train(args, started=None):
             if not train_epoch(run, stop):
                 return 130
             finish_epoch(run)
-            if stop.signal is not None and progress.global_step < run.total_steps:
+            if progress.global_step < run.total_steps and stop.agreed(run.processes, 0):
                 run.say(f"stopped after epoch {progress.epoch}; continue with the same command plus --resume")
                 return 130
         save_final_model(run)
