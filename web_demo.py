@@ -43,7 +43,7 @@ def main():
     default = str(model.resolve().relative_to(models_dir.resolve()))
     if default not in model_folders(models_dir):
         raise UserError(f"--model_path {model}: not a model folder (no config.json); train one first, e.g. "
-                        f"`bash quickstart.sh`, then --model_path model/quickstart/final_model")
+                        f"`python quickstart.py`, then --model_path model/quickstart/final_model")
     device, _ = pick_device(args.device)
     app = create_app(models_dir, device, args.precision, default)
     print(f"serving {model} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)

@@ -29,7 +29,7 @@ def test_two_cpu_processes_train_like_one_with_twice_the_batch(prepared):
 
 
 def test_torchrun_processes_keep_to_the_cpu_when_device_cpu_is_asked_even_beside_gpus(monkeypatch):
-    """cpu_preset.sh trains with torchrun on the CPU; on a machine with GPUs --device cpu must still mean the CPU."""
+    """torchrun with --device cpu on a machine with GPUs: every process keeps to the CPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert str(distributed_device("cpu", 1)) == "cpu"
     assert str(distributed_device("0,1", 1)) == "cuda:1"
