@@ -66,7 +66,8 @@ def add_new_flags(p):
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware has fast bf16 (CUDA, CPUs with AVX512-BF16/AMX)")
     p.add_argument("--no_attn_dropout", action="store_true",
-                   help="set attention dropout to 0: about 15%% faster on CPU; see README for the cost in loss")
+                   help="set attention dropout to 0: about 6%% faster on CPU (docs/BENCHMARKS.md, with its cost in "
+                        "loss)")
     p.add_argument("--attention_kernel", default="auto",
                    help="CPU attention with dropout: auto (the fastest query block on this machine, measured once and "
                         "remembered) or blocked-64, blocked-128, blocked-256")

@@ -94,7 +94,7 @@ def test_gradients_under_mixed_precision_match_plain_autograd(dtype, tolerance):
 
 def test_fp16_is_cuda_only_and_fp16_opt_level_maps_to_torch_amp():
     from gpt2zh.errors import UserError
-    from gpt2zh.training import training_precision
+    from gpt2zh.run_setup import training_precision
     from train import parse_args
 
     with pytest.raises(UserError, match="--fp16: needs a CUDA GPU"):
