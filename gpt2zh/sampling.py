@@ -35,6 +35,20 @@ def make_logits_processors(temperature, top_k, top_p, repetition_penalty, suppre
     return processors
 
 
+class OccurrencePenalty:
+    """OpenAI's presence and frequency penalties: each token's logit lowered by `presence` once it occurred in the
+    completion and by `frequency` for every time it did (the tokens after `prefix_length`)."""
+
+    def __init__(self, presence, frequency, prefix_length):
+        self.presence, self.frequency, self.prefix_length = presence, frequency, prefix_length
+
+    def __call__(self, input_ids, scores):  # [B, T], [B, V]
+        counts = torch.zeros_like(scores)
+        counts.scatter_add_(1, input_ids[:, self.prefix_length:], torch.ones_like(scores[:, :1]).expand(
+            -1, input_ids.shape[1] - self.prefix_length))
+        return scores - self.frequency * counts - self.presence * (counts > 0)
+
+
 def draw(probs, generator=None):
     """One token id a row of `probs` [B, V], by inverse CDF: the first token whose cumulative probability
     passes a uniform draw (never a zero-probability one). torch.multinomial takes 2.7 ms for 10 x 13k on CPU;
@@ -127,14 +141,19 @@ class Writer:
                 self.steps[rows] = decode_step(self.model, chosen, rows)
         return self.steps[rows]
 
-    def processors(self, temperature, top_k, top_p, repetition_penalty):
-        return make_logits_processors(temperature, top_k, top_p, repetition_penalty, self.suppress)
+    def processors(self, temperature, top_k, top_p, repetition_penalty, presence_penalty=0.0, frequency_penalty=0.0,
+                   prefix_length=0):
+        """The logits processors of these settings (the OpenAI penalties count the tokens after `prefix_length`)."""
+        processors = make_logits_processors(temperature, top_k, top_p, repetition_penalty, self.suppress)
+        if presence_penalty or frequency_penalty:
+            processors.insert(0, OccurrencePenalty(presence_penalty, frequency_penalty, prefix_length))
+        return processors
 
-    def write(self, prefix_ids, length, rows, processors, seed, stop_at_end=False, on_step=None):
+    def write(self, prefix_ids, length, rows, processors, seed, stop_at_end=False, on_step=None, greedy=False):
         """`rows` continuations of `prefix_ids`, each a list of ids (cut at the end of an article with
-        stop_at_end)."""
+        stop_at_end); `greedy`: the most likely token each step."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stop_id = self.tokenizer.convert_tokens_to_ids(ARTICLE_END) if stop_at_end else None
-        out = sample(self.model, prefix_ids, length, rows, processors, self.n_ctx, generator=generator,
+        out = sample(self.model, prefix_ids, length, rows, processors, self.n_ctx, greedy=greedy, generator=generator,
                      on_step=on_step, stop_id=stop_id, step=self.decode_step(rows)).tolist()
         return [cut_at_stop(row, len(prefix_ids), stop_id) if stop_at_end else row for row in out]

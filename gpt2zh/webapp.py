@@ -2,14 +2,17 @@
 sampled. Starlette serves it (server-sent events over a POST); each continuation runs in a worker thread, one
 at a time (the CPU is the bottleneck), so the page keeps loading while a request waits its turn."""
 import asyncio
+import functools
 import json
 import random
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .articles import ARTICLE_END, TextStream, encode_prefix, missing_characters
 from .errors import UserError
+from .openai_api import ApiError, Cancelled, chat_prompt, parse_completion, run_completion, server_sent
 from .sampling import Writer
 
 PAGE = Path(__file__).with_name("web_page.html")
@@ -21,10 +24,6 @@ SKIPPED_FOLDERS = {"checkpoint"}
 
 class SettingsError(Exception):
     """A setting the page sent that cannot be used: the message is shown on the page."""
-
-
-class Cancelled(Exception):
-    """The browser went away or pressed Stop."""
 
 
 def model_folders(models_dir):
@@ -66,8 +65,27 @@ def check_settings(body, folders):
     return settings
 
 
+class Admission:
+    """At most `limit` requests waiting or being written at once (the model writes one at a time): past it a request
+    is turned away (HTTP 429) instead of adding a thread that waits."""
+
+    def __init__(self, limit):
+        self.limit, self.count, self.lock = limit, 0, threading.Lock()
+
+    def enter(self):
+        with self.lock:
+            if self.count >= self.limit:
+                return False
+            self.count += 1
+            return True
+
+    def leave(self):
+        with self.lock:
+            self.count -= 1
+
+
 class Models:
-    """Model folders loaded on first use (the last two kept), and the lock that lets one continuation run."""
+    """Model folders loaded on first use (the last two kept), and the turn that lets one continuation run."""
 
     def __init__(self, models_dir, device, precision):
         self.models_dir, self.device, self.precision = Path(models_dir), device, precision
@@ -82,43 +100,28 @@ class Models:
             self.loaded[name] = Writer(self.models_dir / name, None, self.device, self.precision)
         return self.loaded[name]
 
+    def take_turn(self, cancelled, on_wait=None):
+        """Wait for the turn; False if the client went away first (its place in the queue is freed at once)."""
+        if self.turn.acquire(blocking=False):
+            return True
+        if on_wait:
+            on_wait()
+        while not self.turn.acquire(timeout=0.2):
+            if cancelled.is_set():
+                return False
+        return True
 
-def continue_beginning(models, settings, emit, cancelled):
-    """Run in a worker thread: wait for the turn, sample, and emit events (dicts) as the text grows."""
-    if not models.turn.acquire(blocking=False):
-        emit({"queued": True})
-        models.turn.acquire()
+
+def continue_beginning(models, admission, settings, emit, cancelled):
+    """Run in a worker thread (the page): wait for the turn, sample, and emit events (dicts) as the text grows."""
+    if not models.take_turn(cancelled, lambda: emit({"queued": True})):
+        admission.leave()
+        emit(None)
+        return
     try:
         if cancelled.is_set():
             return
-        start = time.time()
-        writer = models.writer(settings["model"])
-        tokenizer = writer.tokenizer
-        prefix_ids = encode_prefix(tokenizer, settings["prefix"])
-        missing = missing_characters(tokenizer, settings["prefix"])
-        if missing:
-            emit({"warning": f"词表里没有这些字，会变成 [UNK] / not in the vocabulary: {''.join(missing)}"})
-        rows = settings["nsamples"]
-        streams = [TextStream(tokenizer, prefix_ids) for _ in range(rows)]
-        ended = [False] * rows
-        end_id = tokenizer.convert_tokens_to_ids(ARTICLE_END) if settings["stop_at_end"] else None
-        emit({"start": [s.text for s in streams], "seed": settings["seed"]})
-
-        def on_step(ids):
-            if cancelled.is_set():
-                raise Cancelled
-            for row, stream in enumerate(streams):
-                if not ended[row]:
-                    piece = stream.push(int(ids[row]))
-                    ended[row] = int(ids[row]) == end_id
-                    if piece:
-                        emit({"row": row, "text": piece})
-
-        processors = writer.processors(settings["temperature"], settings["topk"], settings["topp"],
-                                       settings["repetition_penalty"])
-        writer.write(prefix_ids, settings["length"], rows, processors, settings["seed"], settings["stop_at_end"],
-                     on_step)
-        emit({"done": True, "seconds": round(time.time() - start, 2)})
+        write_for_page(models, settings, emit, cancelled)
     except Cancelled:
         pass
     except UserError as error:
@@ -128,15 +131,201 @@ def continue_beginning(models, settings, emit, cancelled):
         raise
     finally:
         models.turn.release()
+        admission.leave()
         emit(None)
 
 
-def create_app(models_dir, device, precision, default_model=None):
+def write_for_page(models, settings, emit, cancelled):
+    start = time.time()
+    writer = models.writer(settings["model"])
+    tokenizer = writer.tokenizer
+    prefix_ids = encode_prefix(tokenizer, settings["prefix"])
+    missing = missing_characters(tokenizer, settings["prefix"])
+    if missing:
+        emit({"warning": f"词表里没有这些字，会变成 [UNK] / not in the vocabulary: {''.join(missing)}"})
+    rows = settings["nsamples"]
+    streams = [TextStream(tokenizer, prefix_ids) for _ in range(rows)]
+    ended = [False] * rows
+    end_id = tokenizer.convert_tokens_to_ids(ARTICLE_END) if settings["stop_at_end"] else None
+    emit({"start": [s.text for s in streams], "seed": settings["seed"]})
+
+    def on_step(ids):
+        if cancelled.is_set():
+            raise Cancelled
+        for row, stream in enumerate(streams):
+            if not ended[row]:
+                piece = stream.push(int(ids[row]))
+                ended[row] = int(ids[row]) == end_id
+                if piece:
+                    emit({"row": row, "text": piece})
+
+    processors = writer.processors(settings["temperature"], settings["topk"], settings["topp"],
+                                   settings["repetition_penalty"])
+    writer.write(prefix_ids, settings["length"], rows, processors, settings["seed"], settings["stop_at_end"], on_step)
+    emit({"done": True, "seconds": round(time.time() - start, 2)})
+
+
+def write_for_api(models, admission, request, cancelled, emit, chat=False):
+    """Run in a worker thread (the API): the completion's chunks, then ("done", body) or ("error", ApiError);
+    None at the end. Leaves the queue however it ends."""
+    try:
+        if not models.take_turn(cancelled):
+            return
+        try:
+            body = run_completion(models.writer(request.model), request, cancelled, lambda c: emit(("chunk", c)), chat)
+            emit(("done", body))
+        finally:
+            models.turn.release()
+    except ApiError as error:
+        emit(("error", error))
+    except UserError as error:
+        emit(("error", ApiError(400, str(error))))
+    except Exception as error:  # noqa: BLE001 - the client gets OpenAI's error shape, the log the traceback
+        emit(("error", ApiError(500, f"{type(error).__name__}: {error}", kind="server_error")))
+        raise
+    finally:
+        admission.leave()
+        emit(None)
+
+
+@dataclass
+class ApiSettings:
+    """web_demo.py's flags for the API."""
+    api_key: str = ""
+    max_tokens: int = 2048
+    chat_as_text: bool = False
+    page: bool = True
+    max_queue: int = 8
+
+
+def create_app(models_dir, device, precision, default_model=None, settings=None):
     from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    settings = settings or ApiSettings()
+    models, admission = Models(models_dir, device, precision), Admission(settings.max_queue)
+    routes = [Route("/v1/models", on_list(models_dir, settings)),
+              Route("/v1/completions", on_completion(models, admission, models_dir, settings), methods=["POST"]),
+              Route("/v1/chat/completions", on_completion(models, admission, models_dir, settings, chat=True),
+                    methods=["POST"])]
+    if settings.page:
+        routes += page_routes(models, admission, models_dir, default_model)
+    if default_model:
+        models.writer(default_model)  # the first continuation should not wait for loading
+    return Starlette(routes=routes)
+
+
+def api_error(error, headers=None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def check_key(request, settings):
+    if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
+        raise ApiError(401, "Incorrect API key provided: send it as the header Authorization: Bearer <key>",
+                       code="invalid_api_key")
+
+
+async def read_json(request):
+    try:
+        return await request.json()
+    except ValueError:
+        raise ApiError(400, "the request body must be JSON") from None
+
+
+def on_list(models_dir, settings):
+    """GET /v1/models: the model folders, in OpenAI's list format."""
+    from starlette.responses import JSONResponse
+
+    async def list_models(request):
+        try:
+            check_key(request, settings)
+        except ApiError as error:
+            return api_error(error)
+        root = Path(models_dir)
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": int((root / name / "config.json").stat().st_mtime),
+             "owned_by": "gpt2zh"} for name in model_folders(models_dir)]})
+    return list_models
+
+
+def busy(settings):
+    return api_error(ApiError(429, f"the server is busy: {settings.max_queue} requests are waiting or being written "
+                                   f"(web_demo.py --max_queue); retry in a moment", kind="rate_limit_error",
+                              code="rate_limit_exceeded"), {"Retry-After": "2"})
+
+
+def on_completion(models, admission, models_dir, settings, chat=False):
+    """POST /v1/completions (or /v1/chat/completions with `chat`): a body, or server-sent chunks and [DONE]."""
+    from starlette.responses import StreamingResponse
+
+    async def completion(request):
+        try:
+            check_key(request, settings)
+            body = await read_json(request)
+            if chat and not settings.chat_as_text:
+                raise ApiError(400, "this model is a base model without a chat template: use /v1/completions with a "
+                                    "prompt (or start web_demo.py with --chat_as_text to continue the messages' text)")
+            if chat:
+                body = {**body, "prompt": chat_prompt(body)}
+            request_ = parse_completion(body, model_folders(models_dir), settings.max_tokens)
+        except ApiError as error:
+            return api_error(error)
+        if not admission.enter():
+            return busy(settings)
+        loop, events, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        emit = functools.partial(loop.call_soon_threadsafe, events.put_nowait)
+        threading.Thread(target=write_for_api, args=(models, admission, request_, cancelled, emit, chat),
+                         daemon=True).start()
+        if request_.stream:
+            return StreamingResponse(stream_api(events, cancelled), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await answer_api(request, events, cancelled)
+    return completion
+
+
+async def stream_api(events, cancelled):
+    """The chunks as server-sent events, then [DONE]; a client that leaves ends the writing at its next step."""
+    try:
+        while (event := await events.get()) is not None:
+            kind, value = event
+            if kind == "chunk":
+                yield server_sent(value)
+            elif kind == "error":
+                yield server_sent(value.body())
+        yield "data: [DONE]\n\n"
+    finally:
+        cancelled.set()
+
+
+async def answer_api(request, events, cancelled):
+    """The whole body once written; a client that disconnects while it waits gives its place up."""
+    from starlette.responses import JSONResponse
+
+    result = None
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                cancelled.set()
+            continue
+        if event is None:
+            break
+        if event[0] in ("done", "error"):
+            result = event
+    if result is None:
+        return api_error(ApiError(499, "the client went away", code="cancelled"))
+    kind, value = result
+    return JSONResponse(value) if kind == "done" else api_error(value)
+
+
+def page_routes(models, admission, models_dir, default_model):
+    """The web page: its HTML, its list of models and its continuations (server-sent events over a POST)."""
     from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    models = Models(models_dir, device, precision)
     page = PAGE.read_text(encoding="utf-8")
 
     async def index(request):
@@ -156,19 +345,22 @@ def create_app(models_dir, device, precision, default_model=None):
             settings = check_settings(body, model_folders(models_dir))
         except SettingsError as error:
             return JSONResponse({"error": str(error)}, status_code=400)
+        if not admission.enter():
+            return JSONResponse({"error": "服务器忙，请稍后再试 / the server is busy: try again in a moment"},
+                                status_code=429, headers={"Retry-After": "2"})
         loop, events, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-        emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
-        threading.Thread(target=continue_beginning, args=(models, settings, emit, cancelled), daemon=True).start()
+        emit = functools.partial(loop.call_soon_threadsafe, events.put_nowait)
+        threading.Thread(target=continue_beginning, args=(models, admission, settings, emit, cancelled),
+                         daemon=True).start()
+        return StreamingResponse(stream_page(events, cancelled), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
-        async def stream():
-            try:
-                while (event := await events.get()) is not None:
-                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-            finally:  # also when the browser closed the tab or pressed Stop: sampling ends at its next step
-                cancelled.set()
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return [Route("/", index), Route("/api/models", list_models), Route("/api/generate", generate, methods=["POST"])]
 
-    if default_model:
-        models.writer(default_model)  # the first continuation should not wait for loading
-    return Starlette(routes=[Route("/", index), Route("/api/models", list_models),
-                             Route("/api/generate", generate, methods=["POST"])])
+
+async def stream_page(events, cancelled):
+    try:
+        while (event := await events.get()) is not None:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    finally:  # also when the browser closed the tab or pressed Stop: sampling ends at its next step
+        cancelled.set()
