@@ -45,17 +45,22 @@ def encode_articles(tokenizer, articles):
 
 
 def encode_prefix(tokenizer, prefix, no_wordpiece=False):
-    """A prefix typed by the user: the markers as written ([CLS] starts a new article, as in the original),
-    the rest tokenized (with no_wordpiece, character by character)."""
+    """A prefix typed by the user: the markers as written ([CLS] starts a new article, as in the original), a line
+    break as [SEP] (as in training), the rest tokenized (with no_wordpiece, character by character)."""
     vocab = tokenizer.get_vocab()
+    line_break = marker_ids(tokenizer)[2]
     ids = []
     for part in MARKERS.split(prefix):
         if part in vocab and MARKERS.fullmatch(part):
             ids.append(vocab[part])
-        elif no_wordpiece and not is_byte_level(tokenizer):
-            ids += [vocab.get(c.lower(), tokenizer.unk_token_id) for c in part if not c.isspace()]
-        elif part:
-            ids += encode_lines(tokenizer, [part])[0]
+            continue
+        for number, line in enumerate(part.split("\n")):
+            if number:
+                ids.append(line_break)
+            if no_wordpiece and not is_byte_level(tokenizer):
+                ids += [vocab.get(c.lower(), tokenizer.unk_token_id) for c in line if not c.isspace()]
+            elif line:
+                ids += encode_lines(tokenizer, [line])[0]
     return ids
 
 
