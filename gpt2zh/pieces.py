@@ -1,6 +1,7 @@
 """Tokenized pieces: the corpus as binary token arrays in data/tokenized/, with a manifest of their origin."""
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,13 @@ def build_pieces(raw_data_path, tokenizer, vocab_name, tokenized_data_path, num_
     out = Path(tokenized_data_path)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("tokenized_train_*"):
-        old.unlink()
+        old.unlink(missing_ok=True)  # another machine's process may be writing the same folder (several nodes)
     (out / MANIFEST).unlink(missing_ok=True)  # no manifest while the pieces are half written
     sizes = []
     for i, piece in enumerate(np.array_split(ids, num_pieces)):
-        np.save(out / f"tokenized_train_{i}.npy", piece.astype(dtype))
+        partial = out / f".tokenized_train_{i}.{os.getpid()}.npy"
+        np.save(partial, piece.astype(dtype))
+        os.replace(partial, out / f"tokenized_train_{i}.npy")  # whole, whoever else writes it
         sizes.append(len(piece))
     unk = int((ids == tokenizer.unk_token_id).sum())
     manifest = {**expected_manifest(raw_data_path, tokenizer, num_pieces, min_length),

@@ -150,10 +150,11 @@ def split_eval_tail(pieces, ratio):
 
 
 def load_training_data(args, tokenizer, vocab_name, n_ctx, processes):
-    """The pieces (tokenized first with --raw, by the first process), windows and held-out ids of a run."""
+    """The pieces (tokenized first with --raw, by the first process of each machine), windows and held-out ids of
+    a run."""
     say = processes.say
     eval_ids, eval_chars = held_out_articles(args, tokenizer) if args.eval_data_path else (None, None)
-    if args.raw and processes.main:
+    if args.raw and processes.local_rank == 0:
         say(f"tokenizing {args.raw_data_path} into {args.num_pieces} pieces in {args.tokenized_data_path}")
         manifest = build_pieces(args.raw_data_path, tokenizer, vocab_name, args.tokenized_data_path,
                                 args.num_pieces, args.min_length)

@@ -214,6 +214,12 @@ class TrainingState:
                 "average": self.average.state_dict() if self.average is not None else None, "kernels": self.kernels}
 
     def load_state_dict(self, state):
+        was = state["settings"].get("processes", self.settings["processes"])
+        if was != self.settings["processes"]:
+            raise UserError(f"--resume: the run being resumed trained in {was} process(es) of --batch_size "
+                            f"{self.settings['batch_size']}, this one has {self.settings['processes']}: another "
+                            f"number deals the windows differently; resume with {was} (torchrun's --nnodes x "
+                            f"--nproc_per_node), or start anew with --overwrite")
         changed = [f"--{k} {self.settings[k]} (was {v})" for k, v in state["settings"].items()
                    if self.settings.get(k) != v]
         if changed:
@@ -298,7 +304,7 @@ def set_up(args, started):
                                  processes.world)
     scaler = torch.amp.GradScaler(processes.device.type) if processes.dtype == torch.float16 else None
     state = TrainingState(model, optimizers, scaler, WeightAverage(model) if args.average_from else None,
-                          {name: getattr(args, name) for name in RUN_SETTINGS},
+                          {**{name: getattr(args, name) for name in RUN_SETTINGS}, "processes": processes.world},
                           Progress(total_steps=planned_steps(args, steps_per_epoch), length_fixed=not args.time_budget),
                           kernels)
     if processes.main and previous and args.overwrite:  # only now that every input has been checked

@@ -35,3 +35,43 @@ def test_torchrun_processes_keep_to_the_cpu_when_device_cpu_is_asked_even_beside
     assert str(distributed_device("0,1", 1)) == "cuda:1"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert str(distributed_device("0,1", 1)) == "cpu"
+
+
+def test_two_torchrun_nodes_train_like_one_node_of_two_processes_and_resume_needs_as_many(prepared):
+    """Several machines: two torchrun "nodes" on 127.0.0.1 (c10d rendezvous, gloo, one process each) take the same
+    steps, with the same losses and weights, as one node of two processes; each node's first process tokenizes
+    (both write the same folder here, as machines sharing a disk would). Resuming with another number of processes
+    stops with one line."""
+    import json
+    import os
+    import socket
+
+    flags = train_args(**{"--epochs": 1, "--stride": 16, "--batch_size": 2, "--log_step": 1})
+    torchrun = (shutil.which("torchrun") or sys.executable + " -m torch.distributed.run").split()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default with several processes on a node
+    single = subprocess.run([*torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"), *flags,
+                             "--raw", "--output_dir", "one_node"], cwd=prepared, capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert single.returncode == 0, single.stdout + single.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([*torchrun, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test",
+                               str(ROOT / "train.py"), *flags, "--raw", "--output_dir", "two_nodes"], cwd=prepared,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs
+
+    def losses(folder):
+        rows = [json.loads(line) for line in (prepared / folder / "metrics.jsonl").read_text().splitlines()]
+        return [(row["step"], row["train_loss"]) for row in rows if "train_loss" in row]
+
+    assert losses("one_node") == losses("two_nodes") and len(losses("one_node")) >= 5
+    one = load_file(prepared / "one_node" / "final_model" / "model.safetensors")
+    two = load_file(prepared / "two_nodes" / "final_model" / "model.safetensors")
+    assert all(torch.equal(one[name], two[name]) for name in one)
+    resumed = run("train.py", *flags, "--output_dir", "two_nodes", "--resume", cwd=prepared, check=False)
+    assert resumed.returncode == 2
+    assert "--resume: the run being resumed trained in 2 process(es)" in resumed.stderr
+    assert "Traceback" not in resumed.stderr
