@@ -41,7 +41,7 @@ def build_default_vocab(size=DEFAULT_VOCAB_SIZE):
     Order: BERT specials; ASCII with `##` continuations for letters and digits; Chinese and
     full-width punctuation; the 6,763 GB2312 hanzi; then Big5's level-2 hanzi (the rarer ones
     that classical novels use), then the rest of GBK's, in code order, until `size`. Of the
-    data-free orders tried, this one gave the fewest [UNK] on 《西游记》 (docs/RESULTS.md).
+    data-free orders tried, this one gave the fewest [UNK] on 《西游记》 (docs/BENCHMARKS.md).
     A novel in traditional characters wants its own vocabulary: `cache/make_vocab.py --from_json`.
     """
     punctuation = list(CHINESE_PUNCTUATION) + CJK_SYMBOLS + FULLWIDTH_FORMS

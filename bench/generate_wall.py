@@ -1,0 +1,93 @@
+"""What a user waits for: generate.py's whole command (start-up, kernel trial, prefix, sampling, printing) for the
+seed config (82M, random weights saved as a model folder once), against the memory roofline measured in this run.
+
+- 1 x 1000 and 10 x 1000 tokens (the reference command's shape), each with the kernel choice remembered and as a
+  first run on a machine (an empty kernel cache: the trial included);
+- time to the first generated character on the screen (1 row);
+- the roofline: the bytes the decode steps must read at least (bf16 weights + bf16 cache, generate_speed.py's
+  count) over the read bandwidth (x.sum() over 1 GiB, the median of readings around the runs).
+Run from the project root: python bench/generate_wall.py [--repeats 2]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine, read_bandwidth  # noqa: E402
+from generate_speed import roofline  # noqa: E402
+
+PREFIX = "[CLS]悟空大喝一声"
+
+
+def seed_model_folder(folder):
+    """The seed config with random weights, saved as train.py saves a model."""
+    import torch
+
+    from gpt2zh.checkpoints import record_vocabulary, save_model_folder
+    from gpt2zh.model import build_model, load_config
+    from gpt2zh.vocab import load_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model(load_config(ROOT / "config" / "model_config_small.json")).eval()
+    tokenizer = load_tokenizer(ROOT / "cache" / "vocab_small.txt")
+    record_vocabulary(model, tokenizer)
+    save_model_folder(model, tokenizer, folder)
+    return model
+
+
+def timed_command(folder, rows, length, cache):
+    """(wall seconds, seconds to the first generated character or None) of one generate.py command."""
+    command = [sys.executable, str(ROOT / "generate.py"), "--model_path", str(folder), "--device", "cpu",
+               "--length", str(length), "--nsamples", str(rows), "--topp", "1", "--prefix", PREFIX, "--seed", "1"]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONUNBUFFERED": "1"})
+    first, seen = None, b""
+    while chunk := process.stdout.read1(4096):
+        seen += chunk
+        if first is None and rows == 1 and "悟空大喝一声".encode() in seen.split(b"SAMPLE 1")[-1]:
+            after = seen.split("悟空大喝一声".encode())[-1]
+            if after.strip():  # a character past the prefix
+                first = time.perf_counter() - start
+    process.wait()
+    return time.perf_counter() - start, first
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each command with the choice remembered")
+    parser.add_argument("--length", type=int, default=1000)
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    work = Path(tempfile.mkdtemp(prefix="gpt2zh-wall-"))
+    model = seed_model_folder(work / "seed_model")
+    readings = [read_bandwidth(repeats=3)]
+    for rows in (1, 10):
+        cache = work / f"cache-{rows}"
+        first_run = timed_command(work / "seed_model", rows, args.length, cache)  # an empty cache: trial included
+        remembered = [timed_command(work / "seed_model", rows, args.length, cache) for _ in range(args.repeats)]
+        readings.append(read_bandwidth(repeats=3))
+        needed, _ = roofline(model, rows, 8, args.length)
+        limit = needed / median(readings)
+        walls = [wall for wall, _ in remembered]
+        print(f"{rows} x {args.length}: first run {first_run[0]:.1f} s, remembered " + ", ".join(
+            f"{wall:.1f}" for wall in walls) + f" s; roofline {limit:.1f} s ({needed / 1e9:.0f} GB at "
+            f"{median(readings) / 1e9:.0f} GB/s): remembered {min(walls) / limit:.2f}x, first run "
+            f"{first_run[0] / limit:.2f}x the roofline")
+        if rows == 1:
+            firsts = [first for _, first in [first_run, *remembered] if first is not None]
+            print("  first generated character on the screen: " + ", ".join(f"{f:.1f}" for f in firsts)
+                  + " s after the command started (the first run's first)")
+    print(f"bandwidth readings: {', '.join(f'{r / 1e9:.0f}' for r in readings)} GB/s")
+
+
+if __name__ == "__main__":
+    main()
