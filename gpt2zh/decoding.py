@@ -1,6 +1,7 @@
 """One sampling step after the prefix: every row's newest token through the model with its KV cache, by the
 kernel a short trial found fastest on this machine (what is fastest differs between CPUs and numbers of rows)."""
 import functools
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -262,12 +263,13 @@ def prepare_entrant(model, kernel, rows, keys, linears, caches):
     return step, cache, time.perf_counter() - start
 
 
-def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=2, say=print):
+def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=3, say=print):
     """{name: seconds a step} of every candidate kernel, stepping `rows` tokens over a cache already holding `keys`
     tokens, plus its set-up spread over `run_steps` steps (the C++ step's build is not counted: it is kept per
-    machine). The candidates take turns for `rounds` rounds of `steps` steps and each keeps its fastest step: on a
-    shared machine a neighbour's burst of work slows whatever runs at that moment, often for seconds. A candidate
-    that cannot run here (no C++ compiler) is left out, in one line."""
+    machine). The candidates take turns for `rounds` rounds of `steps` steps, so that a neighbour's burst of work on
+    a shared machine slows all of them alike, and each is given its median step: what a run's steps take (the
+    fastest of a few promised too little). A candidate that cannot run here (no C++ compiler) is left out, in one
+    line."""
     ids = torch.full((rows,), 5, dtype=torch.long, device=next(model.parameters()).device)
     linears, caches, entrants = {}, {}, {}
     for name, kernel in kernel_candidates(model).items():
@@ -277,15 +279,16 @@ def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=2, say=print):
             entrants[name] = prepare_entrant(model, kernel, rows, keys, linears, caches)
         except UserError as error:
             say(f"sampling kernel {name} left out: {error}")
-    best = dict.fromkeys(entrants, float("inf"))
+    times = {name: [] for name in entrants}
     for _ in range(rounds):
         for name, (step, cache, _) in entrants.items():
             for _ in range(steps):
                 start = time.perf_counter()
                 step(ids, cache)
-                best[name] = min(best[name], time.perf_counter() - start)
+                times[name].append(time.perf_counter() - start)
                 rewind(cache, keys)
-    return {name: best[name] + max(setup - 2 * best[name], 0.0) / run_steps
+    typical = {name: statistics.median(seconds) for name, seconds in times.items()}
+    return {name: typical[name] + max(setup - 2 * typical[name], 0.0) / run_steps
             for name, (_, _, setup) in entrants.items()}
 
 
