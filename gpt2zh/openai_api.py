@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API, as llama.cpp's and vLLM's servers speak it: GET /v1/models, POST /v1/completions
 (and, opted in, /v1/chat/completions), errors in OpenAI's shape, an optional API key. Each completion is written by
 the model folder's Writer in a worker thread, one at a time, behind the server's bounded queue (webapp.Admission)."""
+import functools
 import json
 import random
 import time
@@ -138,6 +139,25 @@ class Row:
         return piece
 
 
+class CompletionStep:
+    """Called by sample() after every step: each unfinished row takes its new token; `on_piece(row index, text)`
+    gets the text that can be streamed. Stops the sampling once every row has ended."""
+
+    def __init__(self, rows, end_id, cancelled, on_piece):
+        self.rows, self.end_id, self.cancelled, self.on_piece = rows, end_id, cancelled, on_piece
+
+    def __call__(self, ids):
+        if self.cancelled.is_set():
+            raise Cancelled
+        for index, row in enumerate(self.rows):
+            if row.reason is None:
+                row.push(int(ids[index]), self.end_id)
+                if self.on_piece and (piece := row.unsent()):
+                    self.on_piece(index, piece)
+        if all(row.reason for row in self.rows):
+            raise Finished
+
+
 def complete(writer, request, prompt, cancelled, on_piece=None):
     """The rows of `request.n` completions of one prompt: sampled in one batch by `writer` (the same draws as
     generate.py --stop_at_end with the same settings and seed), each ending at the article's end, a stop string or
@@ -149,28 +169,18 @@ def complete(writer, request, prompt, cancelled, on_piece=None):
                        param="prompt", code="unknown_characters")
     prefix_ids = encode_prefix(tokenizer, prompt)
     end_id = tokenizer.convert_tokens_to_ids(ARTICLE_END)
-    rows = [Row(tokenizer, prefix_ids, request.stop) for _ in range(request.n)]
-
-    def on_step(ids):  # called by sample() after every step
-        if cancelled.is_set():
-            raise Cancelled
-        for index, row in enumerate(rows):
-            if row.reason is None:
-                row.push(int(ids[index]), end_id)
-                if on_piece and (piece := row.unsent()):
-                    on_piece(index, piece)
-        if all(row.reason for row in rows):
-            raise Finished
-
+    step = CompletionStep([Row(tokenizer, prefix_ids, request.stop) for _ in range(request.n)], end_id, cancelled,
+                          on_piece)
     greedy = request.temperature == 0
     processors = writer.processors(1.0 if greedy else request.temperature, max(request.top_k, 0), request.top_p,
                                    request.repetition_penalty, request.presence_penalty, request.frequency_penalty,
                                    len(prefix_ids))
     seed = request.seed if request.seed is not None else random.randrange(2**31)
     try:
-        writer.write(prefix_ids, request.max_tokens, request.n, processors, seed, True, on_step, greedy=greedy)
+        writer.write(prefix_ids, request.max_tokens, request.n, processors, seed, True, step, greedy=greedy)
     except Finished:
         pass
+    rows = step.rows
     for index, row in enumerate(rows):
         row.reason = row.reason or "length"
         if on_piece and (piece := row.unsent()):
@@ -191,6 +201,12 @@ def chunk_or_body(request, choices, usage, created, ident, chat, streamed):
     return {**body, "usage": usage} if usage else body
 
 
+def emit_piece(emit, request, first, created, ident, chat, index, text):
+    """A streamed chunk: the new text of the prompt's row `index` (choice first + index)."""
+    choice = {"index": first + index, "text": text, "logprobs": None, "finish_reason": None}
+    emit(chunk_or_body(request, [choice], None, created, ident, chat, True))
+
+
 def run_completion(writer, request, cancelled, emit, chat=False):
     """Write every prompt's `n` completions; with `request.stream`, `emit` gets each chunk (a dict) as the text
     grows and the last chunk of each choice with its finish_reason. Returns the whole response body."""
@@ -199,11 +215,7 @@ def run_completion(writer, request, cancelled, emit, chat=False):
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for number_of_prompt, prompt in enumerate(request.prompts):
         first = number_of_prompt * request.n
-
-        def on_piece(index, text, first=first):
-            choice = {"index": first + index, "text": text, "logprobs": None, "finish_reason": None}
-            emit(chunk_or_body(request, [choice], None, created, ident, chat, True))
-
+        on_piece = functools.partial(emit_piece, emit, request, first, created, ident, chat)
         rows, used = complete(writer, request, prompt, cancelled, on_piece if request.stream else None)
         prompt_tokens += used
         completion_tokens += sum(row.tokens for row in rows)

@@ -62,22 +62,20 @@ class RunClock:
     def elapsed(self):
         return time.time() - self.started
 
-    def measure(self, global_step, last_chance=False):
-        """Call after every step; returns True at the step where the speed becomes known: after MEASURE_SECONDS and
-        MEASURE_STEPS, or at `last_chance` with what was measured by then (the estimate if nothing was). The first
-        step of the process (allocations, kernel set-up) is not counted."""
-        if self.step_seconds is not None:
-            return False
+    def ready(self, global_step, last_chance=False):
+        """Call after every step until the speed is known: whether it can be fixed now, after MEASURE_SECONDS and
+        MEASURE_STEPS, after MEASURE_MAX_STEPS, or at `last_chance`. The first step of the process (allocations,
+        kernel set-up) is not counted."""
         if self.first is None:
             self.first = (time.perf_counter(), global_step)
-            if last_chance:
-                self.step_seconds = self.estimate
             return last_chance
         seconds, steps = time.perf_counter() - self.first[0], global_step - self.first[1]
-        if (seconds >= MEASURE_SECONDS and steps >= MEASURE_STEPS) or steps >= MEASURE_MAX_STEPS or last_chance:
-            self.step_seconds = seconds / steps
-            return True
-        return False
+        return (seconds >= MEASURE_SECONDS and steps >= MEASURE_STEPS) or steps >= MEASURE_MAX_STEPS or last_chance
+
+    def fix_speed(self, global_step):
+        """`step_seconds` from the steps timed since the first (the estimate if none were)."""
+        steps = global_step - self.first[1] if self.first else 0
+        self.step_seconds = (time.perf_counter() - self.first[0]) / steps if steps else self.estimate
 
     def steps_in_budget(self, steps_done, step_seconds, steps_per_epoch):
         """The whole run's steps for --time_budget: those taken, and as many more as fit in what is left of the

@@ -336,6 +336,27 @@ def steps_in_budget(run, step_seconds):
     return min(fit, run.args.epochs * run.steps_per_epoch)
 
 
+def agreed_value(processes, value, op):
+    """`value` (a number) reduced over torchrun's processes with `op`, "max" or "min" (the slowest speed, the fewest
+    steps), so that every process decides alike; itself in a single process."""
+    if processes.world == 1:
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=processes.device)
+    torch.distributed.all_reduce(tensor, op=getattr(torch.distributed.ReduceOp, op.upper()))
+    return tensor.item()
+
+
+def speed_measured(run, last_chance):
+    """Whether the speed is known after this step. Under torchrun the processes fix it at the same step and to the
+    slowest process's speed (they step together), so that --time_budget gives each the same number of steps."""
+    clock, step = run.clock, run.state.progress.global_step
+    if not agreed_value(run.processes, clock.ready(step, last_chance), "max"):
+        return False
+    clock.fix_speed(step)
+    clock.step_seconds = agreed_value(run.processes, clock.step_seconds, "max")
+    return True
+
+
 def speed_known(run):
     """Once the first steps are measured: --time_budget's number of steps fixed, the whole run said."""
     clock, progress = run.clock, run.state.progress
@@ -344,8 +365,9 @@ def speed_known(run):
     if progress.length_fixed:
         clock.epoch_seconds = epoch_end_estimate(run, clock.step_seconds)
     else:
-        clock.epoch_seconds = time_epoch_end(run)
-        progress.total_steps = steps_in_budget(run, clock.step_seconds)
+        clock.epoch_seconds = agreed_value(run.processes, time_epoch_end(run), "max")
+        fit = steps_in_budget(run, clock.step_seconds)  # each process's own clock started at its own moment
+        progress.total_steps = int(agreed_value(run.processes, fit, "min"))
         progress.length_fixed = True
         how += (f"; --time_budget {run.args.time_budget:g} min: the steps that fit, with {clock.epoch_seconds:.0f} s "
                 f"of held-out loss and saving an epoch")
@@ -383,9 +405,7 @@ class StopRequest:
             return self.signal is not None
         if processes.device.type == "cuda" and step % STOP_CHECK:
             return False
-        flag = torch.tensor([float(self.signal is not None)], device=processes.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(agreed_value(processes, self.signal is not None, "max"))
 
 
 def train_epoch(run, stop):
@@ -400,7 +420,7 @@ def train_epoch(run, stop):
         step_loss = take_step(run, batches)
         # --time_budget's number of steps is fixed by the end of warm-up at the latest: the decay is laid over it
         warm = not progress.length_fixed and progress.global_step >= args.warmup_steps
-        if run.clock.measure(progress.global_step, last_chance=warm):
+        if run.clock.step_seconds is None and speed_measured(run, last_chance=warm):
             speed_known(run)
             bar.resize(run)
         window.add(step_loss, tokens)

@@ -114,7 +114,7 @@ class Models:
 
 def continue_beginning(models, admission, settings, emit, cancelled):
     """Run in a worker thread (the page): wait for the turn, sample, and emit events (dicts) as the text grows."""
-    if not models.take_turn(cancelled, lambda: emit({"queued": True})):
+    if not models.take_turn(cancelled, functools.partial(emit, {"queued": True})):
         admission.leave()
         emit(None)
         return
@@ -135,6 +135,26 @@ def continue_beginning(models, admission, settings, emit, cancelled):
         emit(None)
 
 
+class PageRows:
+    """The page's rows as they are sampled: after every step (sample()'s on_step), each row's new text goes out as
+    an event until the row has written the article's end."""
+
+    def __init__(self, tokenizer, prefix_ids, rows, end_id, emit, cancelled):
+        self.streams = [TextStream(tokenizer, prefix_ids) for _ in range(rows)]
+        self.ended = [False] * rows
+        self.end_id, self.emit, self.cancelled = end_id, emit, cancelled
+
+    def __call__(self, ids):
+        if self.cancelled.is_set():
+            raise Cancelled
+        for row, stream in enumerate(self.streams):
+            if not self.ended[row]:
+                piece = stream.push(int(ids[row]))
+                self.ended[row] = int(ids[row]) == self.end_id
+                if piece:
+                    self.emit({"row": row, "text": piece})
+
+
 def write_for_page(models, settings, emit, cancelled):
     start = time.time()
     writer = models.writer(settings["model"])
@@ -143,25 +163,13 @@ def write_for_page(models, settings, emit, cancelled):
     missing = missing_characters(tokenizer, settings["prefix"])
     if missing:
         emit({"warning": f"词表里没有这些字，会变成 [UNK] / not in the vocabulary: {''.join(missing)}"})
-    rows = settings["nsamples"]
-    streams = [TextStream(tokenizer, prefix_ids) for _ in range(rows)]
-    ended = [False] * rows
     end_id = tokenizer.convert_tokens_to_ids(ARTICLE_END) if settings["stop_at_end"] else None
-    emit({"start": [s.text for s in streams], "seed": settings["seed"]})
-
-    def on_step(ids):
-        if cancelled.is_set():
-            raise Cancelled
-        for row, stream in enumerate(streams):
-            if not ended[row]:
-                piece = stream.push(int(ids[row]))
-                ended[row] = int(ids[row]) == end_id
-                if piece:
-                    emit({"row": row, "text": piece})
-
+    rows = PageRows(tokenizer, prefix_ids, settings["nsamples"], end_id, emit, cancelled)
+    emit({"start": [s.text for s in rows.streams], "seed": settings["seed"]})
     processors = writer.processors(settings["temperature"], settings["topk"], settings["topp"],
                                    settings["repetition_penalty"])
-    writer.write(prefix_ids, settings["length"], rows, processors, settings["seed"], settings["stop_at_end"], on_step)
+    writer.write(prefix_ids, settings["length"], settings["nsamples"], processors, settings["seed"],
+                 settings["stop_at_end"], rows)
     emit({"done": True, "seconds": round(time.time() - start, 2)})
 
 
@@ -198,21 +206,33 @@ class ApiSettings:
     max_queue: int = 8
 
 
+@dataclass
+class Server:
+    """What every request handler reads (as request.app.state.server): the models, the queue and the flags."""
+    models: Models
+    admission: Admission
+    models_dir: Path
+    settings: ApiSettings
+    default_model: str = None
+
+
 def create_app(models_dir, device, precision, default_model=None, settings=None):
     from starlette.applications import Starlette
     from starlette.routing import Route
 
     settings = settings or ApiSettings()
-    models, admission = Models(models_dir, device, precision), Admission(settings.max_queue)
-    routes = [Route("/v1/models", on_list(models_dir, settings)),
-              Route("/v1/completions", on_completion(models, admission, models_dir, settings), methods=["POST"]),
-              Route("/v1/chat/completions", on_completion(models, admission, models_dir, settings, chat=True),
-                    methods=["POST"])]
+    server = Server(Models(models_dir, device, precision), Admission(settings.max_queue), Path(models_dir), settings,
+                    default_model)
+    routes = [Route("/v1/models", list_models_api), Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"])]
     if settings.page:
-        routes += page_routes(models, admission, models_dir, default_model)
+        routes += [Route("/", index), Route("/api/models", list_models_page),
+                   Route("/api/generate", generate_page, methods=["POST"])]
     if default_model:
-        models.writer(default_model)  # the first continuation should not wait for loading
-    return Starlette(routes=routes)
+        server.models.writer(default_model)  # the first continuation should not wait for loading
+    app = Starlette(routes=routes)
+    app.state.server = server
+    return app
 
 
 def api_error(error, headers=None):
@@ -234,20 +254,18 @@ async def read_json(request):
         raise ApiError(400, "the request body must be JSON") from None
 
 
-def on_list(models_dir, settings):
+async def list_models_api(request):
     """GET /v1/models: the model folders, in OpenAI's list format."""
     from starlette.responses import JSONResponse
 
-    async def list_models(request):
-        try:
-            check_key(request, settings)
-        except ApiError as error:
-            return api_error(error)
-        root = Path(models_dir)
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": int((root / name / "config.json").stat().st_mtime),
-             "owned_by": "gpt2zh"} for name in model_folders(models_dir)]})
-    return list_models
+    server = request.app.state.server
+    try:
+        check_key(request, server.settings)
+    except ApiError as error:
+        return api_error(error)
+    return JSONResponse({"object": "list", "data": [
+        {"id": name, "object": "model", "created": int((server.models_dir / name / "config.json").stat().st_mtime),
+         "owned_by": "gpt2zh"} for name in model_folders(server.models_dir)]})
 
 
 def busy(settings):
@@ -256,33 +274,41 @@ def busy(settings):
                               code="rate_limit_exceeded"), {"Retry-After": "2"})
 
 
-def on_completion(models, admission, models_dir, settings, chat=False):
-    """POST /v1/completions (or /v1/chat/completions with `chat`): a body, or server-sent chunks and [DONE]."""
+async def completions(request):
+    """POST /v1/completions: a body, or server-sent chunks and [DONE]."""
+    return await answer_completion(request, chat=False)
+
+
+async def chat_completions(request):
+    """POST /v1/chat/completions: 400 for a base model, unless started with --chat_as_text."""
+    return await answer_completion(request, chat=True)
+
+
+async def answer_completion(request, chat):
     from starlette.responses import StreamingResponse
 
-    async def completion(request):
-        try:
-            check_key(request, settings)
-            body = await read_json(request)
-            if chat and not settings.chat_as_text:
-                raise ApiError(400, "this model is a base model without a chat template: use /v1/completions with a "
-                                    "prompt (or start web_demo.py with --chat_as_text to continue the messages' text)")
-            if chat:
-                body = {**body, "prompt": chat_prompt(body)}
-            request_ = parse_completion(body, model_folders(models_dir), settings.max_tokens)
-        except ApiError as error:
-            return api_error(error)
-        if not admission.enter():
-            return busy(settings)
-        loop, events, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-        emit = functools.partial(loop.call_soon_threadsafe, events.put_nowait)
-        threading.Thread(target=write_for_api, args=(models, admission, request_, cancelled, emit, chat),
-                         daemon=True).start()
-        if request_.stream:
-            return StreamingResponse(stream_api(events, cancelled), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await answer_api(request, events, cancelled)
-    return completion
+    server = request.app.state.server
+    try:
+        check_key(request, server.settings)
+        body = await read_json(request)
+        if chat and not server.settings.chat_as_text:
+            raise ApiError(400, "this model is a base model without a chat template: use /v1/completions with a "
+                                "prompt (or start web_demo.py with --chat_as_text to continue the messages' text)")
+        if chat:
+            body = {**body, "prompt": chat_prompt(body)}
+        completion = parse_completion(body, model_folders(server.models_dir), server.settings.max_tokens)
+    except ApiError as error:
+        return api_error(error)
+    if not server.admission.enter():
+        return busy(server.settings)
+    loop, events, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+    emit = functools.partial(loop.call_soon_threadsafe, events.put_nowait)
+    threading.Thread(target=write_for_api, args=(server.models, server.admission, completion, cancelled, emit, chat),
+                     daemon=True).start()
+    if completion.stream:
+        return StreamingResponse(stream_api(events, cancelled), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return await answer_api(request, events, cancelled)
 
 
 async def stream_api(events, cancelled):
@@ -321,41 +347,45 @@ async def answer_api(request, events, cancelled):
     return JSONResponse(value) if kind == "done" else api_error(value)
 
 
-def page_routes(models, admission, models_dir, default_model):
-    """The web page: its HTML, its list of models and its continuations (server-sent events over a POST)."""
-    from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.routing import Route
+async def index(request):
+    """The web page."""
+    from starlette.responses import HTMLResponse
 
-    page = PAGE.read_text(encoding="utf-8")
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
-    async def index(request):
-        return HTMLResponse(page)
 
-    async def list_models(request):
-        folders = model_folders(models_dir)
-        return JSONResponse({"models": folders, "default": default_model if default_model in folders else
-                             (folders[-1] if folders else None), "limits": {k: v[:2] for k, v in LIMITS.items()}})
+async def list_models_page(request):
+    """The page's list of models, the one it starts with, and the limits of its settings."""
+    from starlette.responses import JSONResponse
 
-    async def generate(request):
+    server = request.app.state.server
+    folders = model_folders(server.models_dir)
+    default = server.default_model if server.default_model in folders else (folders[-1] if folders else None)
+    return JSONResponse({"models": folders, "default": default, "limits": {k: v[:2] for k, v in LIMITS.items()}})
+
+
+async def generate_page(request):
+    """The page's continuations: server-sent events over a POST."""
+    from starlette.responses import JSONResponse, StreamingResponse
+
+    server = request.app.state.server
+    try:
         try:
-            try:
-                body = await request.json()
-            except ValueError:
-                raise SettingsError("the request must be JSON") from None
-            settings = check_settings(body, model_folders(models_dir))
-        except SettingsError as error:
-            return JSONResponse({"error": str(error)}, status_code=400)
-        if not admission.enter():
-            return JSONResponse({"error": "服务器忙，请稍后再试 / the server is busy: try again in a moment"},
-                                status_code=429, headers={"Retry-After": "2"})
-        loop, events, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-        emit = functools.partial(loop.call_soon_threadsafe, events.put_nowait)
-        threading.Thread(target=continue_beginning, args=(models, admission, settings, emit, cancelled),
-                         daemon=True).start()
-        return StreamingResponse(stream_page(events, cancelled), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-
-    return [Route("/", index), Route("/api/models", list_models), Route("/api/generate", generate, methods=["POST"])]
+            body = await request.json()
+        except ValueError:
+            raise SettingsError("the request must be JSON") from None
+        settings = check_settings(body, model_folders(server.models_dir))
+    except SettingsError as error:
+        return JSONResponse({"error": str(error)}, status_code=400)
+    if not server.admission.enter():
+        return JSONResponse({"error": "服务器忙，请稍后再试 / the server is busy: try again in a moment"},
+                            status_code=429, headers={"Retry-After": "2"})
+    loop, events, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+    emit = functools.partial(loop.call_soon_threadsafe, events.put_nowait)
+    threading.Thread(target=continue_beginning, args=(server.models, server.admission, settings, emit, cancelled),
+                     daemon=True).start()
+    return StreamingResponse(stream_page(events, cancelled), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
 
 
 async def stream_page(events, cancelled):

@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 import sys
@@ -75,3 +76,25 @@ def test_two_torchrun_nodes_train_like_one_node_of_two_processes_and_resume_need
     assert resumed.returncode == 2
     assert "--resume: the run being resumed trained in 2 process(es)" in resumed.stderr
     assert "Traceback" not in resumed.stderr
+
+
+def test_torchrun_processes_whose_clocks_differ_agree_on_the_time_budgets_steps(prepared, tmp_path):
+    """--time_budget under torchrun: each process's clock starts at its own moment, and one whose clock reads later
+    would fit fewer steps; the processes agree on one number (the fewest) and stop together. Rank 1's clock is made
+    to read 8 s later (a sitecustomize in its PYTHONPATH)."""
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import gpt2zh.run_clock as clock\n"
+        "    elapsed = clock.RunClock.elapsed\n"
+        "    clock.RunClock.elapsed = lambda self: elapsed(self) + 8\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(patch), str(ROOT)])}
+    torchrun = shutil.which("torchrun") or sys.executable + " -m torch.distributed.run"
+    result = subprocess.run([*torchrun.split(), "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
+                             *train_args(**{"--epochs": 10000, "--stride": 16, "--batch_size": 2,
+                                            "--time_budget": 0.4}), "--raw", "--output_dir", "budget"],
+                            cwd=prepared, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (prepared / "budget" / "final_model" / "model.safetensors").exists()
