@@ -38,3 +38,11 @@ def test_the_preset_interrupted_in_training_finishes_when_run_again(project):
     assert json.loads((project / "model" / "cpu_preset" / "preset.json").read_text())["done"][-1] == "samples"
     scores = json.loads((project / "model" / "cpu_preset" / "sample_scores.json").read_text())
     assert scores["summary"]["samples"] == 10 and (project / "model" / "cpu_preset" / "result.json").is_file()
+
+
+def test_the_recipe_follows_the_probes_speed_an_avx2_cpu_gets_the_smaller_model():
+    """The probe's speeds of 2026-12-02 (Zen 3, AVX2: 3,315 tokens/s) and of an AVX512-BF16 CPU (above 5,500)."""
+    from gpt2zh.preset import choose_recipe
+
+    assert choose_recipe(28 * 60, 3315)[0].name == "4 x 256, input noise 0.1"
+    assert choose_recipe(28 * 60, 5500)[0].name == "4 x 320, input noise 0.1"
