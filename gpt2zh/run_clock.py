@@ -74,7 +74,7 @@ class RunClock:
 
     def fix_speed(self, global_step):
         """`step_seconds` from the steps timed since the first (the estimate if none were)."""
-        steps = global_step - self.first[1] if self.first else 0
+        steps = global_step - self.first[1]  # ready() set `first` at the first step it saw
         self.step_seconds = (time.perf_counter() - self.first[0]) / steps if steps else self.estimate
 
     def steps_in_budget(self, steps_done, step_seconds, steps_per_epoch):

@@ -214,6 +214,7 @@ class Server:
     models_dir: Path
     settings: ApiSettings
     default_model: str = None
+    page: str = ""  # the web page's HTML, read once
 
 
 def create_app(models_dir, device, precision, default_model=None, settings=None):
@@ -222,7 +223,7 @@ def create_app(models_dir, device, precision, default_model=None, settings=None)
 
     settings = settings or ApiSettings()
     server = Server(Models(models_dir, device, precision), Admission(settings.max_queue), Path(models_dir), settings,
-                    default_model)
+                    default_model, PAGE.read_text(encoding="utf-8") if settings.page else "")
     routes = [Route("/v1/models", list_models_api), Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"])]
     if settings.page:
@@ -233,6 +234,16 @@ def create_app(models_dir, device, precision, default_model=None, settings=None)
     app = Starlette(routes=routes)
     app.state.server = server
     return app
+
+
+def start_writing(target, models, admission, request, **options):
+    """`target(models, admission, request, cancelled=…, emit=…, **options)` in a worker thread; returns the queue its
+    events arrive on (in this event loop) and the event that cancels it."""
+    loop, events, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+    emit = functools.partial(loop.call_soon_threadsafe, events.put_nowait)
+    threading.Thread(target=target, args=(models, admission, request), daemon=True,
+                     kwargs={"cancelled": cancelled, "emit": emit, **options}).start()
+    return events, cancelled
 
 
 def api_error(error, headers=None):
@@ -301,10 +312,7 @@ async def answer_completion(request, chat):
         return api_error(error)
     if not server.admission.enter():
         return busy(server.settings)
-    loop, events, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-    emit = functools.partial(loop.call_soon_threadsafe, events.put_nowait)
-    threading.Thread(target=write_for_api, args=(server.models, server.admission, completion, cancelled, emit, chat),
-                     daemon=True).start()
+    events, cancelled = start_writing(write_for_api, server.models, server.admission, completion, chat=chat)
     if completion.stream:
         return StreamingResponse(stream_api(events, cancelled), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -351,7 +359,7 @@ async def index(request):
     """The web page."""
     from starlette.responses import HTMLResponse
 
-    return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+    return HTMLResponse(request.app.state.server.page)
 
 
 async def list_models_page(request):
@@ -380,10 +388,7 @@ async def generate_page(request):
     if not server.admission.enter():
         return JSONResponse({"error": "服务器忙，请稍后再试 / the server is busy: try again in a moment"},
                             status_code=429, headers={"Retry-After": "2"})
-    loop, events, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-    emit = functools.partial(loop.call_soon_threadsafe, events.put_nowait)
-    threading.Thread(target=continue_beginning, args=(server.models, server.admission, settings, emit, cancelled),
-                     daemon=True).start()
+    events, cancelled = start_writing(continue_beginning, server.models, server.admission, settings)
     return StreamingResponse(stream_page(events, cancelled), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
