@@ -305,6 +305,91 @@ inline void load_pairs(const uint16_t* p, floats& even, floats& odd) {  // 32 bf
     odd = (floats)(w & 0xffff0000u);
 }
 
+#ifdef AVX2_FMA
+// The same on AVX2, in its 16 registers of 8 floats. The generic version's 16-lane vectors take two registers each
+// there: its query, two positions' sums and the loads no longer fit and spill to memory at every key, and its
+// cross-lane shuffles become sequences of permutes (it read the cache at a third of the memory's speed).
+inline __m256 sums_of_eight(const __m256* v) {  // lane i: the sum of v[i]'s 8 lanes
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 efgh = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    // abcd: the four sums of a, b, c, d over lanes 0-3 in its low half, over lanes 4-7 in its high half
+    return _mm256_add_ps(_mm256_permute2f128_ps(abcd, efgh, 0x20), _mm256_permute2f128_ps(abcd, efgh, 0x31));
+}
+
+inline void load_pairs8(const uint16_t* p, __m256& even, __m256& odd) {  // 16 bf16 values: the even and odd ones
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xffff0000u))));
+}
+
+template <int PAIRS>
+void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int length, float scale, float* out) {
+    constexpr int dim = 32 * PAIRS, CHUNKS = 2 * PAIRS, BLOCK = 64;  // chunks of 16 dims
+    __m256 query[CHUNKS][2];  // [16 dims][even, odd]
+    for (int c = 0; c < CHUNKS; ++c) {
+        alignas(32) float halves[2][8];
+        for (int j = 0; j < 8; ++j) {
+            halves[0][j] = q[16 * c + 2 * j] * scale;
+            halves[1][j] = q[16 * c + 2 * j + 1] * scale;
+        }
+        query[c][0] = _mm256_load_ps(halves[0]);
+        query[c][1] = _mm256_load_ps(halves[1]);
+    }
+    __m256 sums[CHUNKS][2];  // 8 accumulators for heads of 64: independent FMAs every key
+    for (auto& chunk : sums) chunk[0] = chunk[1] = _mm256_setzero_ps();
+    alignas(32) float weights[BLOCK];
+    float top = -INFINITY, total = 0.0f;
+    for (int start = 0; start < length; start += BLOCK) {
+        const int n = std::min(BLOCK, length - start);
+        for (int t = 0; t < n; t += 8) {
+            __m256 dots[8];
+            for (int i = 0; i < 8; ++i) {
+                dots[i] = _mm256_setzero_ps();
+                if (t + i >= n) continue;
+                const uint16_t* key = k + size_t(start + t + i) * dim;
+                __m256 other = _mm256_setzero_ps(), even, odd;
+                for (int c = 0; c < CHUNKS; ++c) {
+                    load_pairs8(key + 16 * c, even, odd);
+                    dots[i] = _mm256_fmadd_ps(query[c][0], even, dots[i]);
+                    other = _mm256_fmadd_ps(query[c][1], odd, other);
+                }
+                dots[i] = _mm256_add_ps(dots[i], other);
+            }
+            _mm256_store_ps(weights + t, sums_of_eight(dots));  // weights has room for a whole last 8
+        }
+        float block_top = -INFINITY;
+        for (int t = 0; t < n; ++t) block_top = std::max(block_top, weights[t]);
+        if (block_top > top) {  // the sums so far were weighted against a lower maximum
+            const float shrink = exp_approx(top - block_top);
+            total *= shrink;
+            for (auto& chunk : sums)
+                for (auto& half : chunk) half = _mm256_mul_ps(half, _mm256_set1_ps(shrink));
+            top = block_top;
+        }
+        for (int t = 0; t < n; ++t) weights[t] = exp_approx(weights[t] - top);
+        total += sum_of(n, [&](int i) { return weights[i]; });
+        for (int t = 0; t < n; ++t) {
+            const __m256 weight = _mm256_set1_ps(weights[t]);
+            const uint16_t* value = v + size_t(start + t) * dim;
+            __m256 even, odd;
+            for (int c = 0; c < CHUNKS; ++c) {
+                load_pairs8(value + 16 * c, even, odd);
+                sums[c][0] = _mm256_fmadd_ps(weight, even, sums[c][0]);
+                sums[c][1] = _mm256_fmadd_ps(weight, odd, sums[c][1]);
+            }
+        }
+    }
+    for (int c = 0; c < CHUNKS; ++c) {
+        alignas(32) float halves[2][8];
+        _mm256_store_ps(halves[0], sums[c][0]);
+        _mm256_store_ps(halves[1], sums[c][1]);
+        for (int j = 0; j < 8; ++j) {
+            out[16 * c + 2 * j] = halves[0][j] / total;
+            out[16 * c + 2 * j + 1] = halves[1][j] / total;
+        }
+    }
+}
+#else
 // One query over `length` keys and values (bf16 rows of 32 * PAIRS), in whole vectors kept in registers. The
 // cache's bf16 values become floats two vectors at a time, the even and the odd ones of 32 (a mask and a shift:
 // a third fewer operations than widening them in order), with the query split the same way. One pass, a block of
@@ -370,6 +455,8 @@ void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int
             out[32 * c + 2 * j + 1] = (sums[0][c][1][j] + sums[1][c][1][j]) / total;
         }
 }
+
+#endif
 
 void attend_in_scalars(const float* q, const uint16_t* k, const uint16_t* v, int dim, int length, float scale,
                        float* out) {

@@ -48,9 +48,10 @@ class PreallocatedLayer(DynamicLayer):
 
     def pretend_filled(self, length):
         """Random keys and values for the first `length` positions, as if that many tokens came before (for timing
-        a step at a given cache length without encoding a prefix)."""
-        self.key_buffer[:, :, :length].normal_()
-        self.value_buffer[:, :, :length].normal_()
+        a step at a given cache length without encoding a prefix): the same for every row and head, as drawing them
+        all took seconds for ten rows of a bf16 cache."""
+        for buffer in (self.key_buffer, self.value_buffer):
+            buffer[:, :, :length] = torch.randn(length, buffer.shape[-1])  # [L, D] into every [B, H]
         self.rewind(length)
 
     def rewind(self, length):
@@ -263,13 +264,17 @@ def prepare_entrant(model, kernel, rows, keys, linears, caches):
     return step, cache, time.perf_counter() - start
 
 
+FAR_BEHIND = 1.5  # a candidate this many times slower than the fastest after a round runs no more rounds
+
+
 def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=3, say=print):
     """{name: seconds a step} of every candidate kernel, stepping `rows` tokens over a cache already holding `keys`
     tokens, plus its set-up spread over `run_steps` steps (the C++ step's build is not counted: it is kept per
     machine). The candidates take turns for `rounds` rounds of `steps` steps, so that a neighbour's burst of work on
     a shared machine slows all of them alike, and each is given its median step: what a run's steps take (the
-    fastest of a few promised too little). A candidate that cannot run here (no C++ compiler) is left out, in one
-    line."""
+    fastest of a few promised too little). One FAR_BEHIND the fastest after a round sits the later rounds out: it
+    cannot win, and its steps are the trial's longest. A candidate that cannot run here (no C++ compiler) is left
+    out, in one line."""
     ids = torch.full((rows,), 5, dtype=torch.long, device=next(model.parameters()).device)
     linears, caches, entrants = {}, {}, {}
     for name, kernel in kernel_candidates(model).items():
@@ -279,14 +284,16 @@ def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=3, say=print):
             entrants[name] = prepare_entrant(model, kernel, rows, keys, linears, caches)
         except UserError as error:
             say(f"sampling kernel {name} left out: {error}")
-    times = {name: [] for name in entrants}
+    times, racing = {name: [] for name in entrants}, dict(entrants)
     for _ in range(rounds):
-        for name, (step, cache, _) in entrants.items():
+        for name, (step, cache, _) in racing.items():
             for _ in range(steps):
                 start = time.perf_counter()
                 step(ids, cache)
                 times[name].append(time.perf_counter() - start)
                 rewind(cache, keys)
+        best = min(statistics.median(times[name]) for name in racing)
+        racing = {name: entry for name, entry in racing.items() if statistics.median(times[name]) <= FAR_BEHIND * best}
     typical = {name: statistics.median(seconds) for name, seconds in times.items()}
     return {name: typical[name] + max(setup - 2 * typical[name], 0.0) / run_steps
             for name, (_, _, setup) in entrants.items()}

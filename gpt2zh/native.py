@@ -9,6 +9,8 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -95,12 +97,37 @@ def built_for(note):
         return None
 
 
-@functools.cache
 def library():
+    """decode_step.cpp built for this machine and loaded (waiting for a build start_building() began). Raises
+    UserError saying what failed."""
+    return building().result()
+
+
+def start_building():
+    """Builds or finds the C++ step in a background thread: the compiler runs on another core while this process
+    imports and loads the model (a first run on a machine waits seconds less)."""
+    building()
+
+
+@functools.cache
+def building():
+    """The one build of this process, a Future of build_and_load()'s result (its UserError kept for every caller)."""
+    future = Future()
+    threading.Thread(target=settle, args=(future,), name="decode_step build", daemon=True).start()
+    return future
+
+
+def settle(future):
+    try:
+        future.set_result(build_and_load())
+    except Exception as error:  # noqa: BLE001 -- handed to whoever waits for the library
+        future.set_exception(error)
+
+
+def build_and_load():
     """decode_step.cpp built for this machine and loaded. Cached beside the kernel choices under a key of the source,
     the compiler and the instruction sets it targets, with a note of those instruction sets: a build whose note names
-    one this CPU lacks (a cache directory copied from another machine) is built again, never loaded. Raises
-    UserError saying what failed."""
+    one this CPU lacks (a cache directory copied from another machine) is built again, never loaded."""
     command = compiler()
     if shutil.which(command) is None:
         raise UserError(f"no C++ compiler: `{command}` is not on PATH (set CXX to one)")

@@ -34,7 +34,7 @@ def test_two_cpus_of_one_name_get_two_builds_and_two_choices_and_a_foreign_build
         features = native.target_features(native.compiler())
         monkeypatch.setattr(devices, "cpu_features", lambda: features)
         monkeypatch.setattr(native, "cpu_features", lambda: features)
-        native.library.cache_clear()
+        native.building.cache_clear()
         return features
 
     zen4, zen3 = become("sapphirerapids"), become("haswell")
@@ -63,13 +63,13 @@ def test_two_cpus_of_one_name_get_two_builds_and_two_choices_and_a_foreign_build
 
     # Asked to build for instruction sets this CPU lacks: refused in one line, nothing loaded.
     monkeypatch.setenv("GPT2ZH_MARCH", "sapphirerapids")
-    native.library.cache_clear()
+    native.building.cache_clear()
     from gpt2zh.errors import UserError
 
     with pytest.raises(UserError, match="which this CPU lacks; unset GPT2ZH_MARCH"):
         native.library()
     assert len(builds) == 3 and len(loaded) == 3
-    native.library.cache_clear()
+    native.building.cache_clear()
 
 
 class FakeLibrary:

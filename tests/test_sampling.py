@@ -1,3 +1,6 @@
+import platform
+import time
+
 import pytest
 import torch
 from conftest import ROOT, TINY_CONFIG
@@ -120,18 +123,28 @@ def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path,
         choose_kernel(model, 2, 16, "fast", say=said.append)
 
 
+# the C++ step built for this CPU, and on x86 also for one without AVX2 (its portable vector code, which AVX-512 and
+# ARM CPUs run)
+MARCHES = ["native", *(["x86-64-v2"] if platform.machine() in ("x86_64", "AMD64") else [])]
+
+
+@pytest.mark.parametrize("march", MARCHES)
 def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_block_and_both_activations(
-        tmp_path, monkeypatch):
+        march, tmp_path, monkeypatch, request):
     """The C++ step attends in vectors for heads of 32, 64 and 128 and in scalars otherwise (here 7); it pads odd
     widths (n_embd 21, n_inner 45, vocab 50: not whole tiles of 16) and takes rows in blocks: 17 rows cross a
     block. With attention scaled by the inverse layer index, caches of 135 to 140 tokens (blocks of 64 keys whose
-    running maximum grows, and every remainder of its loops over 4 and 2 keys) and both activations it computes,
-    against the model's fp32 forward within 3% of the logits' range."""
+    running maximum grows, and every remainder of its loops over 8, 4 and 2 keys) and both activations it
+    computes, against the model's fp32 forward within 3% of the logits' range."""
     import copy
 
+    from gpt2zh import native
     from gpt2zh.decoding import decode_step, kernel_candidates, preallocated_cache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("GPT2ZH_MARCH", march)
+    native.building.cache_clear()
+    request.addfinalizer(native.building.cache_clear)  # later tests load the build for this CPU again
     shapes = [(21, 3, 45, "gelu_new"), (21, 3, 45, "relu"), (64, 2, None, "gelu_new"), (128, 2, None, "gelu_new"),
               (128, 1, None, "relu")]  # n_embd, n_head, n_inner, activation: heads of 7, 32, 64, 128
     for n_embd, n_head, n_inner, activation in shapes:
@@ -222,10 +235,53 @@ def test_a_compiler_that_fails_is_named_with_its_first_error(tmp_path, monkeypat
     compiler.chmod(0o755)
     monkeypatch.setenv("CXX", str(compiler))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    native.library.cache_clear()
+    native.building.cache_clear()
     try:
         with pytest.raises(UserError, match=r"could not build decode_step.cpp: decode_step.cpp:1: error: unrecognized"):
             native.library()
     finally:
-        native.library.cache_clear()
+        native.building.cache_clear()
     assert not list((tmp_path / "cache").rglob("*.so")) and not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+class SleepingStep:
+    """A stand-in kernel's step taking `seconds`, counting its calls."""
+
+    def __init__(self, seconds):
+        self.seconds, self.calls = seconds, 0
+
+    def __call__(self, ids, cache):
+        self.calls += 1
+        time.sleep(self.seconds)
+
+
+def test_a_kernel_far_behind_after_a_round_sits_the_later_rounds_out(monkeypatch):
+    """The trial's rounds go on among the candidates that can still win: one 5x slower than the fastest runs a
+    single round (its time still reported), the close ones all three."""
+    from gpt2zh import decoding
+
+    steps = {"fast": SleepingStep(0.002), "close": SleepingStep(0.002), "slow": SleepingStep(0.010)}
+    kernels = {name: decoding.SamplingKernel("fp32", name, "plain") for name in steps}  # named by their attention
+    monkeypatch.setattr(decoding, "kernel_candidates", lambda model: kernels)
+    monkeypatch.setattr(decoding, "rewind", lambda cache, length: None)
+    monkeypatch.setattr(decoding, "prepare_entrant", lambda model, kernel, rows, keys, linears, caches: (
+        steps[kernel.attention], None, 0.0))
+    model = torch.nn.Linear(2, 2)
+    timings = decoding.measure_kernels(model, rows=1, keys=8, run_steps=100, rounds=3, steps=3)
+    assert {name: step.calls for name, step in steps.items()} == {"fast": 9, "close": 9, "slow": 3}
+    assert timings["slow"] > 3 * timings["fast"]
+
+
+def test_a_writer_starts_the_cpp_build_before_it_loads_the_model(trained, tmp_path, monkeypatch):
+    """The compiler runs while the model loads (a first run on a machine); a forced PyTorch kernel builds nothing."""
+    from gpt2zh import native, sampling
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    events, load = [], sampling.load_model_folder
+    monkeypatch.setattr(native, "start_building", lambda: events.append("build"))
+    monkeypatch.setattr(sampling, "load_model_folder", lambda *args: events.append("load") or load(*args))
+    sampling.Writer(trained / "model" / "final_model", say=lambda line: None)
+    assert events == ["build", "load"]
+    events.clear()
+    sampling.Writer(trained / "model" / "final_model", kernel="fp32-sdpa", say=lambda line: None)
+    assert events == ["load"]
