@@ -305,6 +305,22 @@ inline void load_pairs(const uint16_t* p, floats& even, floats& odd) {  // 32 bf
     odd = (floats)(w & 0xffff0000u);
 }
 
+// A block of n scores made weights of the running softmax: exp(score - top), `top` the maximum so far and `total`
+// the sum so far, both updated. Returns the factor the sums of earlier blocks must be multiplied by (1 unless this
+// block raised the maximum).
+inline float softmax_block(float* weights, int n, float& top, float& total) {
+    float block_top = -INFINITY, shrink = 1.0f;
+    for (int t = 0; t < n; ++t) block_top = std::max(block_top, weights[t]);
+    if (block_top > top) {  // the sums so far were weighted against a lower maximum
+        shrink = exp_approx(top - block_top);
+        total *= shrink;
+        top = block_top;
+    }
+    for (int t = 0; t < n; ++t) weights[t] = exp_approx(weights[t] - top);
+    total += sum_of(n, [&](int i) { return weights[i]; });
+    return shrink;
+}
+
 #ifdef AVX2_FMA
 // The same on AVX2, in its 16 registers of 8 floats. The generic version's 16-lane vectors take two registers each
 // there: its query, two positions' sums and the loads no longer fit and spill to memory at every key, and its
@@ -357,17 +373,10 @@ void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int
             }
             _mm256_store_ps(weights + t, sums_of_eight(dots));  // weights has room for a whole last 8
         }
-        float block_top = -INFINITY;
-        for (int t = 0; t < n; ++t) block_top = std::max(block_top, weights[t]);
-        if (block_top > top) {  // the sums so far were weighted against a lower maximum
-            const float shrink = exp_approx(top - block_top);
-            total *= shrink;
+        const float shrink = softmax_block(weights, n, top, total);
+        if (shrink != 1.0f)
             for (auto& chunk : sums)
                 for (auto& half : chunk) half = _mm256_mul_ps(half, _mm256_set1_ps(shrink));
-            top = block_top;
-        }
-        for (int t = 0; t < n; ++t) weights[t] = exp_approx(weights[t] - top);
-        total += sum_of(n, [&](int i) { return weights[i]; });
         for (int t = 0; t < n; ++t) {
             const __m256 weight = _mm256_set1_ps(weights[t]);
             const uint16_t* value = v + size_t(start + t) * dim;
@@ -431,18 +440,11 @@ void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int
             std::memcpy(weights + t, &block, 4 * sizeof(float));
         }
         for (; t < n; ++t) weights[t] = lanes_sum(dot(start + t));
-        float block_top = -INFINITY;
-        for (t = 0; t < n; ++t) block_top = std::max(block_top, weights[t]);
-        if (block_top > top) {  // the sums so far were weighted against a lower maximum
-            const float shrink = exp_approx(top - block_top);
-            total *= shrink;
+        const float shrink = softmax_block(weights, n, top, total);
+        if (shrink != 1.0f)
             for (auto& position : sums)
                 for (auto& chunk : position)
                     for (auto& half : chunk) half *= shrink;
-            top = block_top;
-        }
-        for (t = 0; t < n; ++t) weights[t] = exp_approx(weights[t] - top);
-        total += sum_of(n, [&](int i) { return weights[i]; });
         for (t = 0; t + 2 <= n; t += 2) {
             add_value(start + t, 0, weights[t]);
             add_value(start + t + 1, 1, weights[t + 1]);
