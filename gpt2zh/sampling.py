@@ -3,9 +3,10 @@ import torch
 
 from . import native
 from .articles import ARTICLE_END
-from .checkpoints import load_model_folder
+from .checkpoints import open_model_folder
 from .decoding import DecodeStep, choose_kernel, decode_step, preallocated_cache
 from .devices import autocast_dtype
+from .inference import encode_tokens, load_sampling_model
 from .model import context_length
 
 CPU = torch.device("cpu")
@@ -64,8 +65,8 @@ def sample(model, prefix_ids, length, batch_size, processors, n_ctx, greedy=Fals
            on_step=None, stop_id=None, step=None):
     """Continue `prefix_ids` by `length` tokens in `batch_size` independent draws.
 
-    Returns a LongTensor [batch_size, len(prefix_ids) + length]. With the cache, the model's forward encodes the
-    prefix and `step` (a DecodeStep; by default a plain one) feeds one token at a time; when the cache would pass
+    Returns a LongTensor [batch_size, len(prefix_ids) + length]. With the cache, encode_tokens encodes the prefix
+    and `step` (a DecodeStep; by default a plain one) feeds one token at a time; when the cache would pass
     n_ctx, the last n_ctx // 2 tokens are encoded again and the continuation goes on from there (a sliding
     window). use_cache=False re-encodes the window every step, as the original did: the same tokens, far slower
     (a test checks they agree). `on_step` gets each step's new ids [B] and may raise to end sampling. With
@@ -81,9 +82,9 @@ def sample(model, prefix_ids, length, batch_size, processors, n_ctx, greedy=Fals
         if cache is not None:
             logits = step(tokens[:, -1], cache)  # [B, vocab]
         else:
-            cache = preallocated_cache(model, n_ctx, step.kernel.cache_dtype) if use_cache else None
-            logits = model(input_ids=window, cache=cache, use_cache=use_cache,
-                           logits_to_keep=1).logits[:, -1]  # only the last position's logits are used
+            cache = preallocated_cache(model, n_ctx if use_cache else window.shape[1], step.kernel.cache_dtype)
+            logits = encode_tokens(model, window, cache)
+            cache = cache if use_cache else None
         scores = processors(tokens, logits.float())  # [B, vocab]
         if greedy:
             next_ids = scores.argmax(dim=-1)
@@ -122,7 +123,8 @@ class Writer:
                  kernel="auto", say=print):
         if device.type == "cpu" and kernel in ("auto", "bf16-cpp"):
             native.start_building()  # the compiler runs on another core while the model loads
-        self.model, self.tokenizer = load_model_folder(model_path, tokenizer_path)
+        config, self.tokenizer = open_model_folder(model_path, tokenizer_path)
+        self.model = load_sampling_model(model_path, config)
         self.model.to(device, dtype=autocast_dtype(device, precision, fp16=False) or torch.float32).eval()
         self.device, self.n_ctx = device, context_length(self.model.config)
         self.kernel, self.say, self.steps = kernel, say, {}

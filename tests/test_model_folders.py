@@ -132,6 +132,14 @@ def test_our_folder_with_plain_transformers_continues_like_generate_py(trained):
     assert sample_text(out + "\n") == ids_to_text(tokenizer, plain)
 
 
+def last_logits(model, ids):
+    """The logits after ids [B, T] as generate.py computes them (encode_tokens over a fresh cache)."""
+    from gpt2zh.decoding import preallocated_cache
+    from gpt2zh.inference import encode_tokens
+
+    return encode_tokens(model, ids, preallocated_cache(model, ids.shape[1]))
+
+
 def test_folders_of_the_original_and_the_hugging_face_layout_sample_alike_through_every_kernel(tmp_path, monkeypatch):
     """An original GPT2-Chinese folder (transformers 2.x config and state dict) and a Hugging Face one, loaded as
     generate.py loads them (the same logits as the written model), then every weight moved by noise so that no layer
@@ -139,8 +147,9 @@ def test_folders_of_the_original_and_the_hugging_face_layout_sample_alike_throug
     continues a sequence with the logits of that model's fp32 forward, within 3% of their range."""
     import copy
 
-    from gpt2zh.checkpoints import load_model_folder
+    from gpt2zh.checkpoints import open_model_folder
     from gpt2zh.decoding import decode_step, kernel_candidates, preallocated_cache
+    from gpt2zh.inference import encode_tokens, load_sampling_model
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     written = {"original": write_original_folder(tmp_path / "original", tmp_path / "vocab.txt")[0],
@@ -148,21 +157,53 @@ def test_folders_of_the_original_and_the_hugging_face_layout_sample_alike_throug
     folders = {"original": (tmp_path / "original", tmp_path / "vocab.txt"), "hugging face": (tmp_path / "hf", None)}
     sequence = torch.tensor([[110, 120, 130, 140, 150, 160, 170, 180, 190, 200]] * 2)
     for layout, (folder, vocabulary) in folders.items():
-        loaded = load_model_folder(folder, vocabulary)[0].eval()
+        loaded = load_sampling_model(folder, open_model_folder(folder, vocabulary)[0])
         torch.manual_seed(0)
         with torch.no_grad():
-            assert torch.allclose(loaded(input_ids=sequence[:1]).logits, written[layout](input_ids=sequence[:1]).logits)
+            torch.testing.assert_close(last_logits(loaded, sequence[:1]),
+                                       written[layout](input_ids=sequence[:1]).logits[:, -1])
             for parameter in loaded.parameters():
                 parameter.add_(torch.randn_like(parameter) * 0.1)
-            reference = loaded(input_ids=sequence[:1]).logits[0, 5:]
+            reference = torch.cat([last_logits(loaded, sequence[:1, :end]) for end in range(6, 11)])  # [5, vocab]
         model = copy.deepcopy(loaded).to(torch.bfloat16)
         candidates = kernel_candidates(model)
         assert "bf16-cpp" in candidates
         for name, kernel in candidates.items():
             step = decode_step(model, kernel, rows=2)
             cache = preallocated_cache(model, 16, kernel.cache_dtype)
-            with torch.no_grad():
-                logits = [model(input_ids=sequence[:, :6], cache=cache, use_cache=True).logits[:, -1]]
-                logits += [step(sequence[:, position], cache) for position in range(6, 10)]
+            logits = [encode_tokens(model, sequence[:, :6], cache)]
+            logits += [step(sequence[:, position], cache) for position in range(6, 10)]
             error = (torch.stack(logits, dim=1).float() - reference).abs().max() / (reference.max() - reference.min())
             assert error < 0.03, (layout, name, error.item())
+
+
+@pytest.mark.parametrize("saved_by", ["GPT2LMHeadModel", "GPT2Model"])
+def test_a_folder_loads_for_sampling_with_the_logits_transformers_gives_it(tmp_path, saved_by):
+    """generate.py reads the weights without transformers' model (gpt2zh.inference): a folder saved from the LM
+    (safetensors, the head tied) or from the bare GPT2Model (OpenAI's GPT-2: no `transformer.` in its names) gives
+    the logits transformers' from_pretrained model gives; one whose weights do not fit its config.json is refused."""
+    import json
+
+    from foreign_folders import tiny_gpt2
+    from transformers import GPT2LMHeadModel
+
+    from gpt2zh.errors import UserError
+    from gpt2zh.inference import SamplingGPT2, load_sampling_model
+    from gpt2zh.model import load_config
+
+    model = tiny_gpt2(300, seed=2)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    (model if saved_by == "GPT2LMHeadModel" else model.transformer).save_pretrained(tmp_path / "folder")
+    config = load_config(tmp_path / "folder" / "config.json")
+    loaded = load_sampling_model(tmp_path / "folder", config)
+    assert isinstance(loaded, SamplingGPT2)
+    expected = GPT2LMHeadModel.from_pretrained(tmp_path / "folder").eval()
+    ids = torch.tensor([[5, 150, 250, 7, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(last_logits(loaded, ids), expected(input_ids=ids).logits[:, -1])
+    settings = json.loads((tmp_path / "folder" / "config.json").read_text())
+    (tmp_path / "folder" / "config.json").write_text(json.dumps({**settings, "n_embd": 64}))
+    with pytest.raises(UserError, match="its weights do not fit its config.json"):
+        load_sampling_model(tmp_path / "folder", load_config(tmp_path / "folder" / "config.json"))

@@ -1,3 +1,4 @@
+import os
 import platform
 import time
 
@@ -27,6 +28,27 @@ def test_cache_gives_the_same_greedy_tokens_as_recomputing():
     with_cache = sample(model, [4, 100, 200], 25, 2, processors, n_ctx=32, greedy=True)
     without = sample(model, [4, 100, 200], 25, 2, processors, n_ctx=32, greedy=True, use_cache=False)
     assert with_cache.tolist() == without.tolist()
+
+
+def test_encoding_a_block_of_tokens_gives_the_logits_of_the_models_own_forward():
+    """encode_tokens (the prefix, and a window re-encoded after a slide) against transformers' forward: a whole
+    sequence at once, and in two blocks where the second attends to the cache the first filled."""
+    from gpt2zh.decoding import preallocated_cache
+    from gpt2zh.inference import encode_tokens
+
+    model = tiny_model()
+    with torch.no_grad():
+        for parameter in model.parameters():  # no layer negligible
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+        ids = torch.tensor([[4, 100, 200, 300, 17, 42, 99], [4, 7, 8, 9, 10, 11, 12]])  # [B, T]
+        reference = model(input_ids=ids).logits  # [B, T, vocab]
+        whole = encode_tokens(model, ids, preallocated_cache(model, 16))
+        cache = preallocated_cache(model, 16)
+        first, second = encode_tokens(model, ids[:, :3], cache), encode_tokens(model, ids[:, 3:], cache)
+    torch.testing.assert_close(whole, reference[:, -1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(first, reference[:, 2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(second, reference[:, -1], atol=1e-4, rtol=1e-4)
+    assert cache.get_seq_length() == 7
 
 
 def test_samples_differ_and_slide_past_n_ctx():
@@ -223,6 +245,33 @@ def test_a_writer_chooses_a_kernel_for_each_number_of_rows_it_writes(trained, tm
     assert native.steps[1] is native.steps[2]  # one copy of the packed weights for every number of rows
 
 
+def test_a_writer_never_imports_transformers_modeling_code(trained, tmp_path):
+    """Importing GPT2LMHeadModel took 1.8 of the 4.6 s before generate.py's first character: a Writer of one of our
+    folders samples with the weights in gpt2zh.inference's modules, and the same tokens as transformers' model."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, torch
+from gpt2zh.sampling import Writer
+writer = Writer({str(trained / "model" / "final_model")!r}, kernel="fp32-sdpa", say=lambda line: None)
+print(writer.write([4, 100, 200], 20, 1, writer.processors(1.0, 0, 0, 1.0), seed=0, greedy=True)[0])
+print([n for n in ("transformers.modeling_utils", "transformers.models.gpt2.modeling_gpt2") if n in sys.modules])
+"""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    tokens, modules = result.stdout.splitlines()
+    assert modules == "[]"
+    from gpt2zh.checkpoints import load_model_folder
+
+    model = load_model_folder(trained / "model" / "final_model")[0].eval()
+    expected = sample(model, [4, 100, 200], 20, 1, make_logits_processors(1.0, 0, 0, 1.0, []), n_ctx=32,
+                      greedy=True)
+    assert tokens == str(expected[0].tolist())
+
+
 def test_a_compiler_that_fails_is_named_with_its_first_error(tmp_path, monkeypatch):
     """A compiler that cannot build the C++ step (an old one, a missing OpenMP): the message names it and its first
     error line, not a note printed before it; nothing half-built is left to load next time."""
@@ -277,9 +326,9 @@ def test_a_writer_starts_the_cpp_build_before_it_loads_the_model(trained, tmp_pa
     from gpt2zh import native, sampling
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    events, load = [], sampling.load_model_folder
+    events, load = [], sampling.open_model_folder
     monkeypatch.setattr(native, "start_building", lambda: events.append("build"))
-    monkeypatch.setattr(sampling, "load_model_folder", lambda *args: events.append("load") or load(*args))
+    monkeypatch.setattr(sampling, "open_model_folder", lambda *args: events.append("load") or load(*args))
     sampling.Writer(trained / "model" / "final_model", say=lambda line: None)
     assert events == ["build", "load"]
     events.clear()
