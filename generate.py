@@ -166,6 +166,10 @@ def continue_prefix(writer, prefix, length, processors, seed, args, tally, sampl
 def main():
     args = parse_args()
     validate(args)
+    if args.sampling_kernel in ("auto", "bf16-cpp"):  # before torch is known to find a GPU: a build is kept anyway
+        from gpt2zh.native_build import start_building
+
+        start_building()  # the C++ step's compiler on one core while torch is imported on the other
     from gpt2zh.devices import pick_device
     from gpt2zh.model import quiet_transformers
     from gpt2zh.sampling import Writer

@@ -6,6 +6,11 @@ import tempfile
 from pathlib import Path
 
 
+def cache_dir():
+    """Where what is measured or built once per machine is kept: ~/.cache/gpt2zh (or $XDG_CACHE_HOME/gpt2zh)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2zh"
+
+
 def write_text_atomic(path, text):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,12 @@
 """Kernels whose speed differs between machines (an AMD Zen 4 without AMX and an Intel Xeon with AMX rank them
 differently), chosen by a short timed trial on the actual shapes and remembered per machine."""
 import json
-import os
-from pathlib import Path
 
 import torch
 
 from .devices import machine_key
 from .errors import UserError
-from .fileio import write_json_atomic
+from .fileio import cache_dir, write_json_atomic
 
 SHOWN = 4  # timings named in the printed line, fastest first
 
@@ -16,7 +14,7 @@ SHOWN = 4  # timings named in the printed line, fastest first
 def choices_file():
     """Where the measured choices are remembered: one entry per kind of kernel, machine (CPU and instruction sets:
     devices.machine_key), thread count, torch version and shape."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2zh" / "kernel_choices.json"
+    return cache_dir() / "kernel_choices.json"
 
 
 def choose(what, flag, forced, candidates, shape, measure, unit, say=print):

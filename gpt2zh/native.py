@@ -2,36 +2,14 @@
 with ctypes, one call a step. A candidate of the sampling-kernel trial ("bf16-cpp"); where no C++ compiler with
 OpenMP works, the trial leaves it out and asking for it says why."""
 import ctypes
-import functools
-import hashlib
-import json
-import os
-import platform
-import shutil
-import subprocess
-import threading
-from concurrent.futures import Future
-from pathlib import Path
 
 import torch
 
-from .devices import cpu_features
 from .errors import UserError
-from .fileio import write_json_atomic
-from .kernel_trials import choices_file
 from .model import attention_scale, weight_out_in
+from .native_build import library
 
-SOURCE = Path(__file__).with_name("decode_step.cpp")
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi"]
-OPENMP = "-fopenmp"
 ACTIVATIONS = {"gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "relu": 1}  # decode_step.cpp's Activation
-# the compiler's macros for the instruction sets it targets, as the CPU's flags name them (devices.ISA_FLAGS)
-TARGET_MACROS = {"__SSE4_2__": "sse4_2", "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c",
-                 "__AVX512F__": "avx512f", "__AVX512BW__": "avx512bw", "__AVX512VL__": "avx512vl",
-                 "__AVX512DQ__": "avx512dq", "__AVX512BF16__": "avx512_bf16", "__AVX512FP16__": "avx512_fp16",
-                 "__AVX512VNNI__": "avx512_vnni", "__AVXVNNI__": "avx_vnni", "__AMX_TILE__": "amx_tile",
-                 "__AMX_BF16__": "amx_bf16", "__ARM_NEON": "asimd", "__ARM_FEATURE_SVE": "sve",
-                 "__ARM_FEATURE_BF16_VECTOR_ARITHMETIC": "bf16", "__ARM_FEATURE_MATMUL_INT8": "i8mm"}
 
 
 def supports(model):
@@ -40,116 +18,6 @@ def supports(model):
     weights = next(model.parameters())
     return (weights.dtype in (torch.bfloat16, torch.float32) and weights.device.type == "cpu"
             and model.config.activation_function in ACTIVATIONS)
-
-
-def compiler():
-    return os.environ.get("CXX") or "c++"
-
-
-def architecture_flag():
-    """-march=native: the instruction sets of the CPU that builds; GPT2ZH_MARCH names another (e.g. haswell, an
-    AVX2 CPU, to measure one on an AVX-512 machine)."""
-    return f"-march={os.environ.get('GPT2ZH_MARCH') or 'native'}"
-
-
-def target_features(command):
-    """The instruction-set extensions `command` compiles for with architecture_flag() (its predefined macros);
-    empty where the compiler cannot say."""
-    try:
-        macros = subprocess.run([command, architecture_flag(), "-dM", "-E", "-x", "c++", os.devnull],
-                                capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return frozenset()
-    defined = {line.split()[1] for line in macros.splitlines() if line.startswith("#define ")}
-    return frozenset(flag for macro, flag in TARGET_MACROS.items() if macro in defined)
-
-
-def compiler_version(command):
-    try:
-        out = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return (out.splitlines() or [""])[0]
-
-
-def build(command, path):
-    """Compile decode_step.cpp to `path`, with OpenMP where the compiler has it (macOS's clang has none: then one
-    thread). Returns whether OpenMP is in; raises UserError with the compiler's first error."""
-    errors = []
-    for flags in ([*FLAGS, OPENMP], FLAGS):
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        built = subprocess.run([command, *flags, architecture_flag(), str(SOURCE), "-o", str(partial)],
-                               capture_output=True, text=True)
-        if built.returncode == 0:
-            os.replace(partial, path)
-            return OPENMP in flags
-        partial.unlink(missing_ok=True)
-        lines = built.stderr.strip().splitlines() or ["(no message)"]
-        errors.append(next((line for line in lines if "error" in line), lines[0])[:200])
-    raise UserError(f"`{command}` could not build {SOURCE.name}: {errors[0]}")
-
-
-def built_for(note):
-    """The instruction sets a build's note says it was compiled for (None without a note)."""
-    try:
-        return set(json.loads(note.read_text(encoding="utf-8"))["features"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def library():
-    """decode_step.cpp built for this machine and loaded (waiting for a build start_building() began). Raises
-    UserError saying what failed."""
-    return building().result()
-
-
-def start_building():
-    """Builds or finds the C++ step in a background thread: the compiler runs on another core while this process
-    imports and loads the model (a first run on a machine waits seconds less)."""
-    building()
-
-
-@functools.cache
-def building():
-    """The one build of this process, a Future of build_and_load()'s result (its UserError kept for every caller)."""
-    future = Future()
-    threading.Thread(target=settle, args=(future,), name="decode_step build", daemon=True).start()
-    return future
-
-
-def settle(future):
-    try:
-        future.set_result(build_and_load())
-    except Exception as error:  # noqa: BLE001 -- handed to whoever waits for the library
-        future.set_exception(error)
-
-
-def build_and_load():
-    """decode_step.cpp built for this machine and loaded. Cached beside the kernel choices under a key of the source,
-    the compiler and the instruction sets it targets, with a note of those instruction sets: a build whose note names
-    one this CPU lacks (a cache directory copied from another machine) is built again, never loaded."""
-    command = compiler()
-    if shutil.which(command) is None:
-        raise UserError(f"no C++ compiler: `{command}` is not on PATH (set CXX to one)")
-    features = target_features(command)
-    key = hashlib.sha256("\n".join([SOURCE.read_text(encoding="utf-8"), command, compiler_version(command), *FLAGS,
-                                    architecture_flag(), *sorted(features), platform.machine()]).encode()).hexdigest()
-    if not features <= cpu_features():
-        raise UserError(f"{architecture_flag()} builds {SOURCE.name} for {', '.join(sorted(features - cpu_features()))}"
-                        f", which this CPU lacks; unset GPT2ZH_MARCH")
-    path = choices_file().parent / f"decode_step-{key[:16]}.so"
-    note = path.with_suffix(".json")
-    needs = built_for(note)
-    if not path.exists() or needs is None or not needs <= cpu_features():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        openmp = build(command, path)
-        write_json_atomic(note, {"features": sorted(features), "openmp": openmp, "compiler": compiler_version(command)})
-    lib = ctypes.CDLL(str(path))
-    c_int, c_float, pointer = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-    lib.gpt2_decode_step.argtypes = [c_int] * 10 + [c_float] + [pointer] * 5
-    lib.gpt2_decode_step.restype = None
-    lib.gpt2_decode_pair_dot_in_bf16.restype = c_int
-    return lib
 
 
 def arithmetic():

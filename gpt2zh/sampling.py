@@ -1,7 +1,7 @@
 """Sampling continuations: a batch at a time, KV cache always on, a sliding window past n_ctx."""
 import torch
 
-from . import native
+from . import native_build
 from .articles import ARTICLE_END
 from .checkpoints import open_model_folder
 from .decoding import DecodeStep, choose_kernel, decode_step, preallocated_cache
@@ -122,7 +122,7 @@ class Writer:
     def __init__(self, model_path, tokenizer_path=None, device=CPU, precision="auto", rows=1,
                  kernel="auto", say=print):
         if device.type == "cpu" and kernel in ("auto", "bf16-cpp"):
-            native.start_building()  # the compiler runs on another core while the model loads
+            native_build.start_building()  # the compiler runs on another core while the model loads
         config, self.tokenizer = open_model_folder(model_path, tokenizer_path)
         self.model = load_sampling_model(model_path, config)
         self.model.to(device, dtype=autocast_dtype(device, precision, fp16=False) or torch.float32).eval()

@@ -93,3 +93,29 @@ def test_rows_beyond_a_small_vocabulary_are_never_sampled(trained, tmp_path):
     out = run("generate.py", "--device", "cpu", "--length", "60", "--nsamples", "4", "--topk", "0", "--prefix",
               "小明", "--seed", "0", cwd=work).stdout
     assert out.count(" SAMPLE ") == 4
+
+
+def test_generate_starts_the_cpp_build_before_it_imports_torch(tmp_path):
+    """On a machine's first run the compiler (3.6 s on a Zen 3 core) runs while torch is imported (1-4 s): the build
+    is started before, and a forced PyTorch kernel starts none."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from gpt2zh import native_build
+native_build.start_building = lambda: print("build started; torch imported:", "torch" in sys.modules)
+sys.argv = ["generate.py", "--model_path", "no_such_model", *sys.argv[2:]]
+import generate
+generate.run_cli(generate.main)
+"""
+    for flags, started in (([], True), (["--sampling_kernel", "fp32-sdpa"], False)):
+        result = subprocess.run([sys.executable, "-c", script, str(ROOT), *flags], capture_output=True, text=True,
+                                cwd=tmp_path, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)}, timeout=600)
+        assert result.returncode == 2 and "no_such_model: does not exist" in result.stderr, result.stderr
+        lines = [line for line in result.stdout.splitlines() if line.startswith("build started")]
+        assert lines[:1] == (["build started; torch imported: False"] if started else [])  # the Writer's call later

@@ -20,21 +20,21 @@ def test_two_cpus_of_one_name_get_two_builds_and_two_choices_and_a_foreign_build
     """Two CPUs that both call themselves "AMD EPYC", one with AVX-512 and bf16 (a Zen 4) and one with AVX2 only
     (a Zen 3), share a cache directory. Each gets its own build of the C++ step and its own kernel choice; a build
     whose note names instruction sets the CPU lacks is compiled again, never loaded."""
-    from gpt2zh import devices, kernel_trials, native
+    from gpt2zh import devices, kernel_trials, native_build
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(devices, "cpu_name", lambda: "AMD EPYC")
     loaded, builds = [], []
-    monkeypatch.setattr(native.ctypes, "CDLL", lambda path: loaded.append(path) or FakeLibrary())
-    real_build = native.build
-    monkeypatch.setattr(native, "build", lambda command, path: builds.append(path) or real_build(command, path))
+    monkeypatch.setattr(native_build.ctypes, "CDLL", lambda path: loaded.append(path) or FakeLibrary())
+    real_build = native_build.build
+    monkeypatch.setattr(native_build, "build", lambda command, path: builds.append(path) or real_build(command, path))
 
     def become(march):
         monkeypatch.setenv("GPT2ZH_MARCH", march)
-        features = native.target_features(native.compiler())
+        features = native_build.target_features(native_build.compiler())
         monkeypatch.setattr(devices, "cpu_features", lambda: features)
-        monkeypatch.setattr(native, "cpu_features", lambda: features)
-        native.building.cache_clear()
+        monkeypatch.setattr(native_build, "cpu_features", lambda: features)
+        native_build.building.cache_clear()
         return features
 
     zen4, zen3 = become("sapphirerapids"), become("haswell")
@@ -42,7 +42,7 @@ def test_two_cpus_of_one_name_get_two_builds_and_two_choices_and_a_foreign_build
     choices = {}
     for march, fastest in (("sapphirerapids", "wide"), ("haswell", "narrow")):
         become(march)
-        native.library()
+        native_build.library()
         timings = {"wide": 1.0, "narrow": 2.0} if fastest == "wide" else {"wide": 2.0, "narrow": 1.0}
         choices[march] = kernel_trials.choose("test kernel", "--test_kernel", "auto", {"wide": 0, "narrow": 0}, "x",
                                               lambda timings=timings: timings, "a step", say=lambda line: None)
@@ -57,19 +57,19 @@ def test_two_cpus_of_one_name_get_two_builds_and_two_choices_and_a_foreign_build
     zen3_note = next(note for note in notes if set(json.loads(note.read_text())["features"]) == zen3)
     zen3_note.write_text(json.dumps({"features": sorted(zen4), "openmp": True}))
     become("haswell")
-    native.library()
+    native_build.library()
     assert len(builds) == 3 and builds[-1] == zen3_note.with_suffix(".so") and loaded[-1] == str(builds[-1])
     assert set(json.loads(zen3_note.read_text())["features"]) == zen3
 
     # Asked to build for instruction sets this CPU lacks: refused in one line, nothing loaded.
     monkeypatch.setenv("GPT2ZH_MARCH", "sapphirerapids")
-    native.building.cache_clear()
+    native_build.building.cache_clear()
     from gpt2zh.errors import UserError
 
     with pytest.raises(UserError, match="which this CPU lacks; unset GPT2ZH_MARCH"):
-        native.library()
+        native_build.library()
     assert len(builds) == 3 and len(loaded) == 3
-    native.building.cache_clear()
+    native_build.building.cache_clear()
 
 
 class FakeLibrary:

@@ -160,13 +160,13 @@ def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_bloc
     computes, against the model's fp32 forward within 3% of the logits' range."""
     import copy
 
-    from gpt2zh import native
+    from gpt2zh import native_build
     from gpt2zh.decoding import decode_step, kernel_candidates, preallocated_cache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("GPT2ZH_MARCH", march)
-    native.building.cache_clear()
-    request.addfinalizer(native.building.cache_clear)  # later tests load the build for this CPU again
+    native_build.building.cache_clear()
+    request.addfinalizer(native_build.building.cache_clear)  # later tests load the build for this CPU again
     shapes = [(21, 3, 45, "gelu_new"), (21, 3, 45, "relu"), (64, 2, None, "gelu_new"), (128, 2, None, "gelu_new"),
               (128, 1, None, "relu")]  # n_embd, n_head, n_inner, activation: heads of 7, 32, 64, 128
     for n_embd, n_head, n_inner, activation in shapes:
@@ -275,7 +275,7 @@ print([n for n in ("transformers.modeling_utils", "transformers.models.gpt2.mode
 def test_a_compiler_that_fails_is_named_with_its_first_error(tmp_path, monkeypatch):
     """A compiler that cannot build the C++ step (an old one, a missing OpenMP): the message names it and its first
     error line, not a note printed before it; nothing half-built is left to load next time."""
-    from gpt2zh import native
+    from gpt2zh import native_build
     from gpt2zh.errors import UserError
 
     compiler = tmp_path / "old-c++"
@@ -284,12 +284,12 @@ def test_a_compiler_that_fails_is_named_with_its_first_error(tmp_path, monkeypat
     compiler.chmod(0o755)
     monkeypatch.setenv("CXX", str(compiler))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    native.building.cache_clear()
+    native_build.building.cache_clear()
     try:
         with pytest.raises(UserError, match=r"could not build decode_step.cpp: decode_step.cpp:1: error: unrecognized"):
-            native.library()
+            native_build.library()
     finally:
-        native.building.cache_clear()
+        native_build.building.cache_clear()
     assert not list((tmp_path / "cache").rglob("*.so")) and not list((tmp_path / "cache").rglob("*.tmp"))
 
 
@@ -323,11 +323,11 @@ def test_a_kernel_far_behind_after_a_round_sits_the_later_rounds_out(monkeypatch
 
 def test_a_writer_starts_the_cpp_build_before_it_loads_the_model(trained, tmp_path, monkeypatch):
     """The compiler runs while the model loads (a first run on a machine); a forced PyTorch kernel builds nothing."""
-    from gpt2zh import native, sampling
+    from gpt2zh import native_build, sampling
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     events, load = [], sampling.open_model_folder
-    monkeypatch.setattr(native, "start_building", lambda: events.append("build"))
+    monkeypatch.setattr(native_build, "start_building", lambda: events.append("build"))
     monkeypatch.setattr(sampling, "open_model_folder", lambda *args: events.append("load") or load(*args))
     sampling.Writer(trained / "model" / "final_model", say=lambda line: None)
     assert events == ["build", "load"]
