@@ -12,22 +12,43 @@ from .model import context_length
 CPU = torch.device("cpu")
 
 
+class Processors(list):
+    """Logits processors applied in order. transformers' LogitsProcessorList inspects every processor's signature on
+    every call: 0.17 ms of a 7 ms sampling step."""
+
+    def __call__(self, input_ids, scores):  # [B, T], [B, V]
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
+
+
+class SuppressIds:
+    """Ids never to sample, their scores set to -inf. transformers' SuppressTokensLogitsProcessor looks the vocabulary
+    up in them with torch.isin on every call: 0.26 ms a step for 13k tokens; the index is made once here."""
+
+    def __init__(self, ids):
+        self.ids, self.index = list(ids), None
+
+    def __call__(self, input_ids, scores):
+        if self.index is None or self.index.device != scores.device:
+            self.index = torch.tensor(self.ids, dtype=torch.long, device=scores.device)
+        return scores.index_fill(1, self.index, float("-inf"))
+
+
 def make_logits_processors(temperature, top_k, top_p, repetition_penalty, suppress_ids):
     """transformers' processors in its own order: penalties and bans first, then the warpers."""
     from transformers import (
-        LogitsProcessorList,
         RepetitionPenaltyLogitsProcessor,
-        SuppressTokensLogitsProcessor,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
     )
 
-    processors = LogitsProcessorList()
+    processors = Processors()
     if repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))  # CTRL's, sign-aware
     if suppress_ids:
-        processors.append(SuppressTokensLogitsProcessor(suppress_ids))
+        processors.append(SuppressIds(suppress_ids))
     if temperature != 1.0:
         processors.append(TemperatureLogitsWarper(temperature))
     if top_k > 0:
