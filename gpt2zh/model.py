@@ -185,18 +185,14 @@ def choose_dropout_attention(model, batch_size, dtype, forced="auto", say=print)
 
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function: SDPA, except for training-time attention dropout on CPU, where SDPA
-    falls back to a slow path that materialises everything (about 10x slower). (Sampling steps after the prefix
-    run in gpt2zh.sampling.DecodeStep.)"""
+    falls back to a slow path that materialises everything (about 10x slower). (Sampling runs gpt2zh.inference's
+    forward and gpt2zh.decoding's steps instead.)"""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if dropout > 0 and query.device.type == "cpu" and attention_mask is None and query.shape[2] == key.shape[2]:
         block = getattr(module, "query_block", QUERY_BLOCK)
         output = blocked_causal_attention(query, key, value, dropout, scaling, block)
         return output.transpose(1, 2), None  # [B, T, H, D] as transformers expects
-    if key.dtype != query.dtype:  # a cache kept in fp32 while sampling on CPU: attend in its precision
-        output, weights = sdpa_attention_forward(module, query.to(key.dtype), key, value, attention_mask,
-                                                 dropout=dropout, scaling=scaling, **kwargs)
-        return output.to(query.dtype), weights
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -9,6 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2zh.articles import ids_to_text
 from gpt2zh.devices import bf16_supported
+from gpt2zh.inference import encode_tokens
 from gpt2zh.model import build_model, load_config
 from gpt2zh.sampling import draw, make_logits_processors, sample
 from gpt2zh.vocab import load_tokenizer
@@ -87,10 +88,10 @@ def test_draw_follows_the_probabilities_and_never_picks_a_zero():
 
 
 def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path, monkeypatch):
-    """Each candidate the trial can choose (cache dtype x attention x linear layers), run as sample() runs it (the
-    model's forward over the prefix, then DecodeStep a token at a time), continues a sequence with the logits of
-    re-encoding it in fp32: within 1e-4 with fp32 weights (3e-3 through fp16 copies), 3% of the logits' range
-    with bf16 ones, 0.3% with fp16 ones. The model itself is left as it was."""
+    """Each candidate the trial can choose (cache dtype x attention x linear layers), run as sample() runs it
+    (encode_tokens over the prefix into the kernel's cache, then DecodeStep a token at a time), continues a sequence
+    with the logits of re-encoding it in fp32: within 1e-4 with fp32 weights (3e-3 through fp16 copies), 3% of the
+    logits' range with bf16 ones, 0.3% with fp16 ones. The model itself is left as it was."""
     import copy
 
     from gpt2zh.decoding import choose_kernel, decode_step, default_kernel, kernel_candidates, preallocated_cache
@@ -111,8 +112,7 @@ def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path,
         for name, kernel in candidates.items():
             step = decode_step(model, kernel, rows=2)
             cache = preallocated_cache(model, 32, kernel.cache_dtype)
-            with torch.no_grad():
-                logits = [model(input_ids=sequence[:, :4], cache=cache, use_cache=True).logits[:, -1]]
+            logits = [encode_tokens(model, sequence[:, :4], cache)]
             for position in range(4, 8):
                 logits.append(step(sequence[:, position], cache))
             logits = torch.stack(logits, dim=1).float()  # [2, 5, vocab]
@@ -183,8 +183,7 @@ def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_bloc
         model = copy.deepcopy(reference_model).to(torch.bfloat16)
         step = decode_step(model, kernel_candidates(model)["bf16-cpp"])
         cache = preallocated_cache(model, 144)
-        with torch.no_grad():
-            logits = [model(input_ids=sequence[:, :134], cache=cache, use_cache=True).logits[:, -1]]
+        logits = [encode_tokens(model, sequence[:, :134], cache)]
         logits += [step(sequence[:, position], cache) for position in range(134, 140)]
         error = (torch.stack(logits, dim=1).float() - reference).abs().max() / reference.abs().max()
         assert error < 0.03, (n_embd, n_head, activation, error.item())
