@@ -113,8 +113,9 @@ def encode_tokens(model, ids, cache):
     config, transformer = model.config, model.transformer
     rows, length = ids.shape
     start = cache.get_seq_length()
-    hidden = transformer.wte(ids) + transformer.wpe(torch.arange(start, start + length, device=ids.device))  # [B, T, C]
-    allowed = torch.ones(length, start + length, dtype=torch.bool, device=ids.device).tril(start)  # [T, S+T] causal
+    positions = torch.arange(start + length, device=ids.device)
+    hidden = transformer.wte(ids) + transformer.wpe(positions[start:])  # [B, T, C]
+    allowed = positions[None, :] <= positions[start:, None]  # [T, S+T]: each new token sees the cache and itself
     for index, (block, layer) in enumerate(zip(transformer.h, cache.layers, strict=True)):
         query, key, value = block.attn.c_attn(block.ln_1(hidden)).view(rows, length, 3, config.n_head, -1).permute(
             2, 0, 3, 1, 4)  # each [B, H, T, D]
