@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
-from .model import LEGACY_BUFFERS, attention_scale, load_pretrained
+from .model import LEGACY_BUFFERS, attention_scale, check_weights_fit, load_pretrained, unreadable_weights
 
 TANH_GELU = functools.partial(nn.GELU, approximate="tanh")  # gelu_new and gelu_fast compute it too
 ACTIVATIONS = {"gelu_new": TANH_GELU, "gelu_pytorch_tanh": TANH_GELU, "gelu_fast": TANH_GELU, "gelu": nn.GELU,
@@ -79,7 +78,7 @@ def load_sampling_model(folder, config, flag="--model_path"):
     try:
         state = read_weights(folder)
     except Exception as error:  # noqa: BLE001 -- safetensors and torch.load raise many kinds for a damaged file
-        raise UserError(f"{flag} {folder}: its weights cannot be loaded ({str(error).splitlines()[0]})") from None
+        raise unreadable_weights(folder, flag, error) from None
     if state is None:
         return load_pretrained(folder, config, flag)
     with torch.device("meta"):  # no random initialization of weights about to be replaced
@@ -90,15 +89,9 @@ def load_sampling_model(folder, config, flag="--model_path"):
             state[key] = value.t()
     tied = config.tie_word_embeddings or "lm_head.weight" not in state
     expected = {key: value.shape for key, value in model.state_dict().items() if not (tied and key == "lm_head.weight")}
-    missing = [key for key in expected if key not in state]
-    mismatched = [key for key in expected if key in state and state[key].shape != expected[key]]
-    if missing or mismatched:
-        names = ", ".join((missing + mismatched)[:3])
-        raise UserError(f"{flag} {folder}: its weights do not fit its config.json ({names} "
-                        f"{'missing' if missing else 'of another shape'}); the folder is incomplete or mixed up")
-    unexpected = [key for key in state if key not in expected and key != "lm_head.weight"]
-    if unexpected:
-        print(f"note: {folder} has weights this GPT-2 does not use, ignored: {', '.join(unexpected[:3])}")
+    check_weights_fit(folder, flag, missing=[key for key in expected if key not in state],
+                      mismatched=[key for key in expected if key in state and state[key].shape != expected[key]],
+                      unexpected=[key for key in state if key not in expected and key != "lm_head.weight"])
     model.load_state_dict({key: state[key] for key in expected}, strict=False, assign=True)  # Conv1D's: views
     if tied:
         model.lm_head.weight = model.transformer.wte.weight

@@ -63,19 +63,28 @@ def load_pretrained(folder, config, flag):
         model, info = GPT2LMHeadModel.from_pretrained(folder, config=config, attn_implementation=ATTENTION,
                                                       output_loading_info=True)
     except (OSError, RuntimeError, ValueError) as error:
-        raise UserError(f"{flag} {folder}: its weights cannot be loaded ({str(error).splitlines()[0]})") from None
+        raise unreadable_weights(folder, flag, error) from None
     finally:
         logging.set_verbosity(verbosity)
-    missing = [k for k in info["missing_keys"] if k != "lm_head.weight"]  # tied to the input embedding
-    mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
+    check_weights_fit(folder, flag, missing=[k for k in info["missing_keys"] if k != "lm_head.weight"],  # tied
+                      mismatched=[k for k, *_ in info.get("mismatched_keys", [])],
+                      unexpected=[k for k in info["unexpected_keys"] if not LEGACY_BUFFERS.match(k)])
+    return model
+
+
+def unreadable_weights(folder, flag, error):
+    return UserError(f"{flag} {folder}: its weights cannot be loaded ({str(error).splitlines()[0]})")
+
+
+def check_weights_fit(folder, flag, missing, mismatched, unexpected):
+    """Refuse a folder whose weights do not fit its config (a part missing or of another shape) instead of leaving
+    part of the model random; name in one line the weights the model does not use."""
     if missing or mismatched:
         names = ", ".join((missing + mismatched)[:3])
         raise UserError(f"{flag} {folder}: its weights do not fit its config.json ({names} "
                         f"{'missing' if missing else 'of another shape'}); the folder is incomplete or mixed up")
-    unexpected = [k for k in info["unexpected_keys"] if not LEGACY_BUFFERS.match(k)]
     if unexpected:
         print(f"note: {folder} has weights this GPT-2 does not use, ignored: {', '.join(unexpected[:3])}")
-    return model
 
 
 def context_length(config):
