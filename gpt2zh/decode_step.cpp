@@ -6,8 +6,10 @@
 // Weights are bf16, packed by native.py as [tiles of 16 outputs][input pairs][16 outputs] of uint32, each holding
 // the weights of two consecutive inputs for one output (the lower half the even input): a tile is one contiguous
 // run of memory, and AVX512-BF16's dot product of pairs (vdpbf16ps) takes it as it is. Without that instruction
-// the same loops run in fp32 (the compiler vectorizes them for whatever the CPU has). The residual stream,
-// layer norms, softmax and accumulations are fp32; the cache is bf16 [rows, heads, capacity, head_dim].
+// the same loops run in fp32 (the compiler vectorizes them for whatever the CPU has). Or int8 with a scale per
+// output (half the bytes a step reads), packed as [tiles][input pairs][the 16 even inputs', the 16 odd ones'],
+// multiplied in fp32 and scaled after the sum. The residual stream, layer norms, softmax and accumulations are
+// fp32; the cache is bf16 [rows, heads, capacity, head_dim].
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -39,6 +41,7 @@ constexpr int TILES_PER_STEP = 1;
 
 typedef float floats __attribute__((vector_size(64)));     // 16 floats, mapped on the CPU's vectors
 typedef uint32_t words __attribute__((vector_size(64)));
+typedef int8_t int8s __attribute__((vector_size(16)));
 
 inline float bits_to_float(uint32_t u) {
     float f;
@@ -98,8 +101,9 @@ void activate(float* v, int n, int activation) {
 }
 
 struct Linear {
-    const uint32_t* packed;  // [tiles][pairs][TILE]
-    const float* bias;       // [out] or null
+    const void* packed;  // bf16: [tiles][pairs][TILE] uint32; int8 (when scale): [tiles][pairs][2][TILE]
+    const float* scale;  // [out]: each output's int8 scale, or null for bf16 weights
+    const float* bias;   // [out] or null
     int in, out;
     int pairs() const { return (in + 1) / 2; }
     int tiles() const { return (out + TILE - 1) / TILE; }
@@ -115,23 +119,47 @@ constexpr int PER_ROW = 2;
 #endif
 using InputWord = std::conditional_t<PER_ROW == 1, uint32_t, float>;
 
-void interleave(int rows, int pairs, const float* x, int ldx, std::vector<InputWord>& out) {
+// Word: InputWord for bf16 weights, float for int8 ones (multiplied in fp32 on every CPU)
+template <class Word>
+void interleave(int rows, int pairs, const float* x, int ldx, std::vector<Word>& out) {
+    constexpr int per_row = std::is_same_v<Word, float> ? 2 : 1;
     const int blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-    out.resize(size_t(blocks) * pairs * ROW_BLOCK * PER_ROW);  // a block's unused rows are never read
+    out.resize(size_t(blocks) * pairs * ROW_BLOCK * per_row);  // a block's unused rows are never read
     for (int r = 0; r < rows; ++r) {
-        InputWord* block = out.data() + size_t(r / ROW_BLOCK) * pairs * ROW_BLOCK * PER_ROW;
+        Word* block = out.data() + size_t(r / ROW_BLOCK) * pairs * ROW_BLOCK * per_row;
         for (int p = 0; p < pairs; ++p) {
             const float a = x[size_t(r) * ldx + 2 * p], b = x[size_t(r) * ldx + 2 * p + 1];
-            InputWord* word = block + (size_t(p) * ROW_BLOCK + r % ROW_BLOCK) * PER_ROW;
-#ifdef DOT_PAIRS_IN_BF16
-            word[0] = uint32_t(to_bf16(a)) | uint32_t(to_bf16(b)) << 16;
-#else
-            word[0] = a;
-            word[1] = b;
-#endif
+            Word* word = block + (size_t(p) * ROW_BLOCK + r % ROW_BLOCK) * per_row;
+            if constexpr (per_row == 1) {
+                word[0] = uint32_t(to_bf16(a)) | uint32_t(to_bf16(b)) << 16;
+            } else {
+                word[0] = a;
+                word[1] = b;
+            }
         }
     }
 }
+
+// acc[u][r] = the CHAINS independent sums of row r's tile u added up
+#ifdef AVX2_FMA
+template <int R, int T, int CHAINS>
+void store_sums(__m256 (&sums)[CHAINS][R][2], float acc[][ROW_BLOCK][TILE]) {
+    for (int r = 0; r < R; ++r)
+        for (int half = 0; half < 2; ++half) {
+            for (int c = 1; c < CHAINS; ++c) sums[0][r][half] = _mm256_add_ps(sums[0][r][half], sums[c][r][half]);
+            _mm256_storeu_ps(acc[0][r] + 8 * half, sums[0][r][half]);
+        }
+}
+#else
+template <int R, int T, int CHAINS, class Sum>
+void store_sums(Sum (&sums)[CHAINS][T][R], float acc[][ROW_BLOCK][TILE]) {
+    for (int u = 0; u < T; ++u)
+        for (int r = 0; r < R; ++r) {
+            for (int c = 1; c < CHAINS; ++c) sums[0][u][r] += sums[c][u][r];
+            std::memcpy(acc[u][r], &sums[0][u][r], sizeof(acc[u][r]));
+        }
+}
+#endif
 
 // acc[r][j] = sum over inputs of x[r] * weight, for the R rows of a block and the 16 outputs of each of the T
 // tiles that follow `tile` (each input broadcast once for T tiles)
@@ -189,23 +217,58 @@ void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc
     for (; p + CHAINS <= pairs; p += CHAINS)
         for (int c = 0; c < CHAINS; ++c) add_pair(p + c, c);
     for (; p < pairs; ++p) add_pair(p, 0);
-#ifdef AVX2_FMA
-    for (int r = 0; r < R; ++r)
-        for (int half = 0; half < 2; ++half) {
-            for (int c = 1; c < CHAINS; ++c) sums[0][r][half] = _mm256_add_ps(sums[0][r][half], sums[c][r][half]);
-            _mm256_storeu_ps(acc[0][r] + 8 * half, sums[0][r][half]);
-        }
-#else
-    for (int u = 0; u < T; ++u)
-        for (int r = 0; r < R; ++r) {
-            for (int c = 1; c < CHAINS; ++c) sums[0][u][r] += sums[c][u][r];
-            std::memcpy(acc[u][r], &sums[0][u][r], sizeof(acc[u][r]));
-        }
-#endif
+    store_sums<R, T, CHAINS>(sums, acc);
 }
 
+// tile_product for int8 weights and fp32 inputs (x: [pairs][ROW_BLOCK][2]), before the outputs' scales
 template <int R, int T>
-void tile_product_rows(int rows, const uint32_t* tile, int pairs, const InputWord* x, float acc[][ROW_BLOCK][TILE]) {
+void tile_product(const int8_t* tile, int pairs, const float* x, float acc[][ROW_BLOCK][TILE]) {
+    constexpr int CHAINS = R * T >= 3 ? 1 : 4 / (R * T);
+#ifdef AVX2_FMA
+    // as the bf16 one: each half of the tile's outputs in turn, its even and odd inputs' weights widened to fp32
+    static_assert(T == 1, "AVX2: one tile a step");
+    __m256 sums[CHAINS][R][2];
+    for (int c = 0; c < CHAINS; ++c)
+        for (int r = 0; r < R; ++r) sums[c][r][0] = sums[c][r][1] = _mm256_setzero_ps();
+    auto widen = [](const int8_t* bytes) {
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));
+    };
+    auto add_pair = [&](int p, int c) {
+        for (int half = 0; half < 2; ++half) {
+            const __m256 even = widen(tile + p * 2 * TILE + 8 * half);
+            const __m256 odd = widen(tile + p * 2 * TILE + TILE + 8 * half);
+            for (int r = 0; r < R; ++r) {
+                sums[c][r][half] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (p * ROW_BLOCK + r) * 2), even,
+                                                   sums[c][r][half]);
+                sums[c][r][half] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (p * ROW_BLOCK + r) * 2 + 1), odd,
+                                                   sums[c][r][half]);
+            }
+        }
+    };
+#else
+    const size_t next = size_t(pairs) * 2 * TILE;
+    floats sums[CHAINS][T][R] = {};
+    auto add_pair = [&](int p, int c) {
+        for (int u = 0; u < T; ++u) {
+            int8s even_bytes, odd_bytes;
+            std::memcpy(&even_bytes, tile + u * next + p * 2 * TILE, TILE);
+            std::memcpy(&odd_bytes, tile + u * next + p * 2 * TILE + TILE, TILE);
+            const floats even = __builtin_convertvector(even_bytes, floats);
+            const floats odd = __builtin_convertvector(odd_bytes, floats);
+            for (int r = 0; r < R; ++r)
+                sums[c][u][r] += x[(p * ROW_BLOCK + r) * 2] * even + x[(p * ROW_BLOCK + r) * 2 + 1] * odd;
+        }
+    };
+#endif
+    int p = 0;
+    for (; p + CHAINS <= pairs; p += CHAINS)
+        for (int c = 0; c < CHAINS; ++c) add_pair(p + c, c);
+    for (; p < pairs; ++p) add_pair(p, 0);
+    store_sums<R, T, CHAINS>(sums, acc);
+}
+
+template <int R, int T, class Weight, class Word>
+void tile_product_rows(int rows, const Weight* tile, int pairs, const Word* x, float acc[][ROW_BLOCK][TILE]) {
     if constexpr (R > 1) {
         if (rows < R) return tile_product_rows<R - 1, T>(rows, tile, pairs, x, acc);
     }
@@ -214,13 +277,17 @@ void tile_product_rows(int rows, const uint32_t* tile, int pairs, const InputWor
 
 struct Workspace {
     std::vector<float> normed, qkv, attended, inner;
-    std::vector<InputWord> input;
+    std::vector<InputWord> input;      // for bf16 weights
+    std::vector<float> input_floats;  // for int8 weights
 };
 
 // y[r] = activation(x[r] @ W + bias) (+ y[r] when accumulate: the residual). x: [rows][ldx] fp32 with ldx even and
-// x[r][in] = 0 when `in` is odd.
-void linear(const Linear& layer, int rows, const float* x, int ldx, std::vector<InputWord>& input, float* y,
-            int ldy, int activation, bool accumulate, int threads) {
+// x[r][in] = 0 when `in` is odd. Weight and Word: uint32_t and InputWord (bf16 weights) or int8_t and float.
+template <class Weight, class Word>
+void linear(const Linear& layer, int rows, const float* x, int ldx, std::vector<Word>& input, float* y, int ldy,
+            int activation, bool accumulate, int threads) {
+    constexpr int per_row = std::is_same_v<Word, float> ? 2 : 1;
+    constexpr size_t values_a_pair = std::is_same_v<Weight, int8_t> ? 2 * TILE : TILE;
     const int pairs = layer.pairs(), tiles = layer.tiles();
     interleave(rows, pairs, x, ldx, input);
     const int steps = (tiles + TILES_PER_STEP - 1) / TILES_PER_STEP;
@@ -228,16 +295,19 @@ void linear(const Linear& layer, int rows, const float* x, int ldx, std::vector<
     for (int step = 0; step < steps; ++step) {
         float acc[TILES_PER_STEP][ROW_BLOCK][TILE];
         const int t0 = step * TILES_PER_STEP, count = std::min(TILES_PER_STEP, tiles - t0);
-        const uint32_t* tile = layer.packed + size_t(t0) * pairs * TILE;
+        const Weight* tile = static_cast<const Weight*>(layer.packed) + size_t(t0) * pairs * values_a_pair;
         for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
             const int block = std::min(ROW_BLOCK, rows - r0);
-            const InputWord* in = input.data() + size_t(r0) * pairs * PER_ROW;
+            const Word* in = input.data() + size_t(r0) * pairs * per_row;
             if (count == TILES_PER_STEP)
                 tile_product_rows<ROW_BLOCK, TILES_PER_STEP>(block, tile, pairs, in, acc);
             else
                 tile_product_rows<ROW_BLOCK, 1>(block, tile, pairs, in, acc);
             for (int u = 0; u < count; ++u) {
                 const int first = (t0 + u) * TILE, width = std::min(TILE, layer.out - first);
+                if (layer.scale)
+                    for (int r = 0; r < block; ++r)
+                        for (int j = 0; j < width; ++j) acc[u][r][j] *= layer.scale[first + j];
                 if (layer.bias)
                     for (int r = 0; r < block; ++r)
                         for (int j = 0; j < width; ++j) acc[u][r][j] += layer.bias[first + j];
@@ -252,6 +322,14 @@ void linear(const Linear& layer, int rows, const float* x, int ldx, std::vector<
             }
         }
     }
+}
+
+void linear(const Linear& layer, int rows, const float* x, int ldx, Workspace& ws, float* y, int ldy, int activation,
+            bool accumulate, int threads) {
+    if (layer.scale)
+        linear<int8_t>(layer, rows, x, ldx, ws.input_floats, y, ldy, activation, accumulate, threads);
+    else
+        linear<uint32_t>(layer, rows, x, ldx, ws.input, y, ldy, activation, accumulate, threads);
 }
 
 // out[r] = layer_norm(x[r]) over n features; out's rows are ldo apart (ldo >= n, the padding zeroed)
@@ -519,8 +597,9 @@ int gpt2_decode_pair_dot_in_bf16() {
 }
 
 // hidden [rows][C]: each row's token and position embedding, on return the last block's output (fp32).
-// params, per layer: ln_1 weight, bias, c_attn packed, bias, attn c_proj packed, bias, ln_2 weight, bias, c_fc packed,
-// bias, mlp c_proj packed, bias; then ln_f weight, bias, the output layer packed, its bias (or null).
+// params, per layer: ln_1 weight, bias, c_attn packed, scales, bias, attn c_proj packed, scales, bias, ln_2 weight,
+// bias, c_fc packed, scales, bias, mlp c_proj packed, scales, bias; then ln_f weight, bias, the output layer packed,
+// its scales, its bias. Scales null: bf16 weights; bias null: none.
 // caches, per layer: keys, values [rows][heads][capacity][C / heads] bf16, `cached` positions filled.
 // logits: [rows][vocab].
 void gpt2_decode_step(int rows, int layers, int C, int heads, int inner, int vocab, int cached, int capacity,
@@ -537,22 +616,21 @@ void gpt2_decode_step(int rows, int layers, int C, int heads, int inner, int voc
         if (ldi != inner) ws.inner[size_t(r) * ldi + inner] = 0.0f;
     }
     auto f = [&](int i) { return static_cast<const float*>(params[i]); };
-    auto w = [&](int i, int in, int out) { return Linear{static_cast<const uint32_t*>(params[i]), f(i + 1), in, out}; };
+    auto w = [&](int i, int in, int out) { return Linear{params[i], f(i + 1), f(i + 2), in, out}; };
     for (int l = 0; l < layers; ++l) {
-        const int p = 12 * l;
+        const int p = 16 * l;
         layer_norm(rows, C, hidden, f(p), f(p + 1), eps, ws.normed.data(), ldc);
-        linear(w(p + 2, C, 3 * C), rows, ws.normed.data(), ldc, ws.input, ws.qkv.data(), 3 * C, -1, false, threads);
+        linear(w(p + 2, C, 3 * C), rows, ws.normed.data(), ldc, ws, ws.qkv.data(), 3 * C, -1, false, threads);
         attention(rows, heads, C / heads, cached + 1, capacity, ws.qkv.data(), static_cast<uint16_t*>(caches[2 * l]),
                   static_cast<uint16_t*>(caches[2 * l + 1]), scales[l], ws.attended.data(), ldc, threads);
-        linear(w(p + 4, C, C), rows, ws.attended.data(), ldc, ws.input, hidden, C, -1, true, threads);
-        layer_norm(rows, C, hidden, f(p + 6), f(p + 7), eps, ws.normed.data(), ldc);
-        linear(w(p + 8, C, inner), rows, ws.normed.data(), ldc, ws.input, ws.inner.data(), ldi, activation, false,
-               threads);
-        linear(w(p + 10, inner, C), rows, ws.inner.data(), ldi, ws.input, hidden, C, -1, true, threads);
+        linear(w(p + 5, C, C), rows, ws.attended.data(), ldc, ws, hidden, C, -1, true, threads);
+        layer_norm(rows, C, hidden, f(p + 8), f(p + 9), eps, ws.normed.data(), ldc);
+        linear(w(p + 10, C, inner), rows, ws.normed.data(), ldc, ws, ws.inner.data(), ldi, activation, false, threads);
+        linear(w(p + 13, inner, C), rows, ws.inner.data(), ldi, ws, hidden, C, -1, true, threads);
     }
-    const int p = 12 * layers;
+    const int p = 16 * layers;
     layer_norm(rows, C, hidden, f(p), f(p + 1), eps, ws.normed.data(), ldc);
-    linear(w(p + 2, C, vocab), rows, ws.normed.data(), ldc, ws.input, logits, vocab, -1, false, threads);
+    linear(w(p + 2, C, vocab), rows, ws.normed.data(), ldc, ws, logits, vocab, -1, false, threads);
 }
 
 }  // extern "C"

@@ -119,12 +119,12 @@ CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 class SamplingKernel:
     cache: str  # "fp32", or the weights' "bf16" / "fp16"
     attention: str  # a key of ATTENDS, or "cpp": the whole step in C++ (native.py)
-    linear: str  # "plain", "packed" (bf16 for oneDNN), "fp16", or "cpp" with the attention
+    linear: str  # "plain", "packed" (bf16 for oneDNN), "fp16"; with "cpp" the weights it streams: "bf16" or "int8"
 
     @property
     def name(self):
-        if self.linear == "cpp":
-            return f"{self.cache}-cpp"
+        if self.attention == "cpp":
+            return f"{self.linear}-cpp"
         return f"{self.cache}-{self.attention}" + ("" if self.linear == "plain" else f"+{self.linear}")
 
     @property
@@ -157,7 +157,7 @@ def layer_norm(module, dtype):
 
 def decode_step(model, kernel=None, rows=1, linears=None):
     """The step computing `kernel`: the C++ one (native.py) or a DecodeStep."""
-    if kernel is not None and kernel.linear == "cpp":
+    if kernel is not None and kernel.attention == "cpp":
         return native.NativeDecodeStep(model, kernel)
     return DecodeStep(model, kernel, rows, linears)
 
@@ -210,7 +210,8 @@ def preallocated_cache(model, capacity, dtype=None):
 # docs/BENCHMARKS.md ("Sampling kernels"). Without a working C++ compiler (Windows without one on PATH, say)
 # the trial chooses among the others.
 CANDIDATES = (
-    SamplingKernel("bf16", "cpp", "cpp"),  # AMD Zen 4 (AVX512-BF16) and Zen 3 (AVX2): 1, 2 and 10 rows
+    SamplingKernel("bf16", "cpp", "bf16"),  # AMD Zen 4 (AVX512-BF16) and Zen 3 (AVX2): 1, 2 and 10 rows
+    SamplingKernel("bf16", "cpp", "int8"),
     SamplingKernel("fp32", "sdpa", "plain"),  # Zen 3 without a compiler: 10 rows (fp32 weights)
     SamplingKernel("fp32", "sdpa", "fp16"),  # Zen 3 and Zen 4 without a compiler: 1 row
     SamplingKernel("fp32", "sdpa", "packed"),  # Zen 4 without a compiler: 10 rows (bf16 weights)
@@ -234,7 +235,7 @@ def applies(kernel, weights):
 def kernel_candidates(model):
     """{name: SamplingKernel}: those of CANDIDATES that compute this model's weights on this machine."""
     weights = next(model.parameters())
-    kernels = [k for k in CANDIDATES if applies(k, weights) and (k.linear != "cpp" or native.supports(model))]
+    kernels = [k for k in CANDIDATES if applies(k, weights) and (k.attention != "cpp" or native.supports(model))]
     return {kernel.name: kernel for kernel in kernels}
 
 
@@ -249,7 +250,7 @@ def prepare_entrant(model, kernel, rows, keys, linears, caches):
     kind of linear layers share their copies of the weights (`linears`)."""
     start = time.perf_counter()
     ids = torch.full((rows,), 5, dtype=torch.long, device=next(model.parameters()).device)
-    if kernel.linear not in linears and kernel.linear != "cpp":
+    if kernel.linear not in linears and kernel.attention != "cpp":
         linears[kernel.linear] = decode_linears(model, kernel.linear, rows)
     step = decode_step(model, kernel, rows, linears.get(kernel.linear))
     cache = caches.get(kernel.cache)
@@ -277,13 +278,16 @@ def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=3, say=print):
     out, in one line."""
     ids = torch.full((rows,), 5, dtype=torch.long, device=next(model.parameters()).device)
     linears, caches, entrants = {}, {}, {}
-    for name, kernel in kernel_candidates(model).items():
+    candidates = kernel_candidates(model)
+    in_cpp = [name for name, kernel in candidates.items() if kernel.attention == "cpp"]
+    if in_cpp:
         try:
-            if kernel.linear == "cpp":
-                native.library()  # built once per machine
-            entrants[name] = prepare_entrant(model, kernel, rows, keys, linears, caches)
+            native.library()  # built once per machine
         except UserError as error:
-            say(f"sampling kernel {name} left out: {error}")
+            say(f"sampling kernel{'s' * (len(in_cpp) > 1)} {', '.join(in_cpp)} left out: {error}")
+            candidates = {name: kernel for name, kernel in candidates.items() if name not in in_cpp}
+    for name, kernel in candidates.items():
+        entrants[name] = prepare_entrant(model, kernel, rows, keys, linears, caches)
     times, racing = {name: [] for name in entrants}, dict(entrants)
     for _ in range(rounds):
         for name, (step, cache, _) in racing.items():

@@ -31,19 +31,39 @@ def fp32(tensor):
     return tensor.detach().float().contiguous()
 
 
-def packed_linear(layer):
-    """[the packed weight, the fp32 bias or None] of a linear layer, as decode_step.cpp's params list them."""
-    return [pack(weight_out_in(layer).t()), fp32(layer.bias) if layer.bias is not None else None]
+def packed_linear(layer, weights):
+    """[the packed weight, its int8 scales or None, the fp32 bias or None] of a linear layer, as decode_step.cpp's
+    params list them; `weights` "bf16" or "int8"."""
+    weight = weight_out_in(layer).t().detach()  # [in, out]
+    bias = fp32(layer.bias) if layer.bias is not None else None
+    if weights == "int8":
+        return [*pack_int8(weight), bias]
+    return [pack(weight), None, bias]
+
+
+def padded_pairs(weight, dtype):
+    """weight [in, out] in `dtype`, zero-padded to an even number of inputs and whole tiles of 16 outputs, viewed as
+    [input pairs, 2, tiles, 16]."""
+    inputs, outputs = weight.shape
+    pairs, tiles = (inputs + 1) // 2, (outputs + 15) // 16
+    padded = torch.zeros(2 * pairs, 16 * tiles, dtype=dtype)
+    padded[:inputs, :outputs] = weight
+    return padded.view(pairs, 2, tiles, 16)
 
 
 def pack(weight):
-    """A weight [in, out] as decode_step.cpp reads it: bf16 [tiles of 16 outputs, input pairs, 16, 2], zero-padded
-    to an even number of inputs and whole tiles."""
-    inputs, outputs = weight.shape
-    pairs, tiles = (inputs + 1) // 2, (outputs + 15) // 16
-    padded = torch.zeros(2 * pairs, 16 * tiles, dtype=torch.bfloat16)
-    padded[:inputs, :outputs] = weight.detach()
-    return padded.view(pairs, 2, tiles, 16).permute(2, 0, 3, 1).contiguous()  # [T, P, 16, 2]
+    """A weight [in, out] as decode_step.cpp reads bf16 ones: [tiles of 16 outputs, input pairs, 16, 2]."""
+    return padded_pairs(weight.to(torch.bfloat16), torch.bfloat16).permute(2, 0, 3, 1).contiguous()  # [T, P, 16, 2]
+
+
+def pack_int8(weight):
+    """A weight [in, out] as decode_step.cpp reads int8 ones, and the scale of each output (its largest magnitude
+    maps to 127: weight ~ int8 * scale): [tiles of 16 outputs, input pairs, 2, 16] int8, [out] fp32."""
+    weight = weight.float()
+    scale = weight.abs().amax(dim=0) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero output stays zero
+    quantized = torch.round(weight / scale).clamp(-127, 127).to(torch.int8)
+    return padded_pairs(quantized, torch.int8).permute(2, 0, 1, 3).contiguous(), scale  # [T, P, 2, 16]
 
 
 class NativeDecodeStep:
@@ -62,13 +82,13 @@ class NativeDecodeStep:
         self.kernel, self.config = kernel, config
         self.wte, self.wpe = transformer.wte.weight.detach(), transformer.wpe.weight.detach()
 
-        params = []
+        params, weights = [], kernel.linear
         for block in transformer.h:
-            params += [fp32(block.ln_1.weight), fp32(block.ln_1.bias), *packed_linear(block.attn.c_attn),
-                       *packed_linear(block.attn.c_proj), fp32(block.ln_2.weight), fp32(block.ln_2.bias),
-                       *packed_linear(block.mlp.c_fc), *packed_linear(block.mlp.c_proj)]
+            params += [fp32(block.ln_1.weight), fp32(block.ln_1.bias), *packed_linear(block.attn.c_attn, weights),
+                       *packed_linear(block.attn.c_proj, weights), fp32(block.ln_2.weight), fp32(block.ln_2.bias),
+                       *packed_linear(block.mlp.c_fc, weights), *packed_linear(block.mlp.c_proj, weights)]
         scales = [attention_scale(config, index) for index in range(config.n_layer)]
-        params += [fp32(transformer.ln_f.weight), fp32(transformer.ln_f.bias), *packed_linear(model.lm_head)]
+        params += [fp32(transformer.ln_f.weight), fp32(transformer.ln_f.bias), *packed_linear(model.lm_head, weights)]
         self.params = params  # kept: the pointers below point into them
         self.pointers = (ctypes.c_void_p * len(params))(*(p.data_ptr() if p is not None else None for p in params))
         self.scales = (ctypes.c_float * len(scales))(*scales)

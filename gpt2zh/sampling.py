@@ -161,7 +161,7 @@ class Writer:
                       if self.device.type == "cpu" else None)
             # the C++ step takes any number of rows: one copy of its packed weights serves them all
             shared = [step for step in self.steps.values() if step.kernel == chosen]
-            if chosen and chosen.linear == "cpp" and shared:
+            if chosen and chosen.attention == "cpp" and shared:
                 self.steps[rows] = shared[0]
             else:
                 self.steps[rows] = decode_step(self.model, chosen, rows)

@@ -117,14 +117,15 @@ def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path,
                 logits.append(step(sequence[:, position], cache))
             logits = torch.stack(logits, dim=1).float()  # [2, 5, vocab]
             assert cache.get_seq_length() == 8
-            sixteen_bits = kernel.linear in ("fp16", "cpp")  # copies of fp32 weights in fp16 or bf16
-            tolerance = {torch.bfloat16: 0.03, torch.float16: 3e-3}.get(dtype, 0.03 if sixteen_bits else 1e-4)
+            narrowed = kernel.linear == "fp16" or kernel.attention == "cpp"  # fp32 weights copied in fp16, bf16, int8
+            tolerance = {torch.bfloat16: 0.03, torch.float16: 3e-3}.get(dtype, 0.03 if narrowed else 1e-4)
             error = (logits - reference).abs().max() / reference.abs().max()
             assert error < tolerance, (name, dtype, error.item())
             tried.append((name, dtype))
         assert all(torch.equal(value, weights[key]) for key, value in model.state_dict().items())
     expected = {("fp32-sdpa", torch.float32), ("fp32-sdpa+fp16", torch.float32), ("bf16-cpp", torch.float32),
-                ("fp32-sdpa+fp16", torch.bfloat16), ("bf16-cpp", torch.bfloat16), ("default", torch.float16)}
+                ("int8-cpp", torch.float32), ("fp32-sdpa+fp16", torch.bfloat16), ("bf16-cpp", torch.bfloat16),
+                ("int8-cpp", torch.bfloat16), ("default", torch.float16)}
     if bf16_supported(torch.device("cpu")):  # oneDNN packs bf16 weights on CPUs with AVX-512 or AVX-NE-CONVERT
         expected |= {("fp32-sdpa+packed", torch.bfloat16), ("bf16-sdpa+packed", torch.bfloat16)}
     assert expected <= set(tried)
@@ -141,7 +142,7 @@ def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path,
     assert choose_kernel(model, 2, 16, "fp32-sdpa+fp16", say=said.append).name == "fp32-sdpa+fp16"
     from gpt2zh.errors import UserError
 
-    with pytest.raises(UserError, match="--sampling_kernel fast: not one of: auto, bf16-cpp, fp32-sdpa"):
+    with pytest.raises(UserError, match="--sampling_kernel fast: not one of: auto, bf16-cpp, int8-cpp, fp32-sdpa"):
         choose_kernel(model, 2, 16, "fast", say=said.append)
 
 
@@ -206,7 +207,8 @@ from gpt2zh.decoding import decode_step, kernel_candidates, measure_kernels
 model = build_model(load_config({str(TINY_CONFIG)!r})).eval()
 timings = measure_kernels(model, 2, 8, 32)
 candidates = kernel_candidates(model)
-assert "bf16-cpp" in candidates and "bf16-cpp" not in timings, timings
+in_cpp = {{"bf16-cpp", "int8-cpp"}}
+assert in_cpp <= set(candidates) and not in_cpp & set(timings), timings
 assert "fp32-sdpa" in timings and "fp32-sdpa+fp16" in timings, timings
 try:
     decode_step(model, candidates["bf16-cpp"], 2)
@@ -217,7 +219,7 @@ except UserError as error:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     left_out, forced = result.stdout.splitlines()
-    assert left_out.startswith("sampling kernel bf16-cpp left out: no C++ compiler: ")
+    assert left_out.startswith("sampling kernels bf16-cpp, int8-cpp left out: no C++ compiler: ")
     assert forced.startswith("sampling kernel bf16-cpp: no C++ compiler: ")
     assert forced.endswith("--sampling_kernel chooses another")
 
