@@ -32,7 +32,7 @@ constexpr int TILE = 16;      // outputs per packed tile
 constexpr int ROW_BLOCK = 12;      // rows sharing one read of a tile (the next block reads it again from cache)
 constexpr int TILES_PER_STEP = 2;  // 24 sums and 2 tiles' weights in 32 vector registers
 #elif defined(AVX2_FMA)
-constexpr int ROW_BLOCK = 6;  // 12 sums (6 rows x 16 outputs, two registers each), a weight and a broadcast: 16 registers
+constexpr int ROW_BLOCK = 12;  // a half tile at a time: 12 rows' sums, its even and odd weights and a broadcast
 constexpr int TILES_PER_STEP = 1;
 #else
 constexpr int ROW_BLOCK = 4;  // 16 vector registers (NEON): 4 rows' sums and the weights fit in them
@@ -109,9 +109,9 @@ struct Linear {
     int tiles() const { return (out + TILE - 1) / TILE; }
 };
 
-// The input rows as tile_product reads them: for each block of ROW_BLOCK rows and each input pair, the rows side
-// by side (so that one pointer reaches them all): with AVX512-BF16 one uint32 per row (the pair in bf16), else two
-// floats.
+// The input rows as tile_product reads them: for each block of ROW_BLOCK rows (the last one: those left) and each
+// input pair, the block's rows side by side (so that one pointer reaches them all, and one row is a dense run):
+// with AVX512-BF16 one uint32 per row (the pair in bf16), else two floats.
 #ifdef DOT_PAIRS_IN_BF16
 constexpr int PER_ROW = 1;
 #else
@@ -123,13 +123,13 @@ using InputWord = std::conditional_t<PER_ROW == 1, uint32_t, float>;
 template <class Word>
 void interleave(int rows, int pairs, const float* x, int ldx, std::vector<Word>& out) {
     constexpr int per_row = std::is_same_v<Word, float> ? 2 : 1;
-    const int blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-    out.resize(size_t(blocks) * pairs * ROW_BLOCK * per_row);  // a block's unused rows are never read
+    out.resize(size_t(rows) * pairs * per_row);
     for (int r = 0; r < rows; ++r) {
-        Word* block = out.data() + size_t(r / ROW_BLOCK) * pairs * ROW_BLOCK * per_row;
+        const int first = r - r % ROW_BLOCK, width = std::min(ROW_BLOCK, rows - first);  // the row's block
+        Word* block = out.data() + size_t(first) * pairs * per_row;
         for (int p = 0; p < pairs; ++p) {
             const float a = x[size_t(r) * ldx + 2 * p], b = x[size_t(r) * ldx + 2 * p + 1];
-            Word* word = block + (size_t(p) * ROW_BLOCK + r % ROW_BLOCK) * per_row;
+            Word* word = block + (size_t(p) * width + r - first) * per_row;
             if constexpr (per_row == 1) {
                 word[0] = uint32_t(to_bf16(a)) | uint32_t(to_bf16(b)) << 16;
             } else {
@@ -140,17 +140,19 @@ void interleave(int rows, int pairs, const float* x, int ldx, std::vector<Word>&
     }
 }
 
-// acc[u][r] = the CHAINS independent sums of row r's tile u added up
-#ifdef AVX2_FMA
-template <int R, int T, int CHAINS>
-void store_sums(__m256 (&sums)[CHAINS][R][2], float acc[][ROW_BLOCK][TILE]) {
-    for (int r = 0; r < R; ++r)
-        for (int half = 0; half < 2; ++half) {
-            for (int c = 1; c < CHAINS; ++c) sums[0][r][half] = _mm256_add_ps(sums[0][r][half], sums[c][r][half]);
-            _mm256_storeu_ps(acc[0][r] + 8 * half, sums[0][r][half]);
-        }
+// add_pair(p, c) for every input pair p, into CHAINS independent sums c (few rows do not wait on each add)
+template <int CHAINS, class AddPair>
+inline void over_pairs(int pairs, AddPair add_pair) {
+    int p = 0;
+    for (; p + CHAINS <= pairs; p += CHAINS)
+        for (int c = 0; c < CHAINS; ++c) add_pair(p + c, c);
+    for (; p < pairs; ++p) add_pair(p, 0);
 }
-#else
+
+template <int R, int T>
+constexpr int chains() { return R * T >= 3 ? 1 : 4 / (R * T); }
+
+// acc[u][r] = the chains of row r's tile u added up
 template <int R, int T, int CHAINS, class Sum>
 void store_sums(Sum (&sums)[CHAINS][T][R], float acc[][ROW_BLOCK][TILE]) {
     for (int u = 0; u < T; ++u)
@@ -159,96 +161,103 @@ void store_sums(Sum (&sums)[CHAINS][T][R], float acc[][ROW_BLOCK][TILE]) {
             std::memcpy(acc[u][r], &sums[0][u][r], sizeof(acc[u][r]));
         }
 }
+
+#ifdef AVX2_FMA
+// acc[0][r] = row r's 16 sums of one tile, in two registers of 8 (halves). Up to 6 rows both halves in one pass over
+// the input pairs (12 sums, the weights and a broadcast fit in the 16 registers), more rows a half at a time (up to
+// 12 sums): each weight is widened once for all the rows, and a tile is read from memory once.
+// half_weights(p, half, even, odd) sets input pair p's fp32 weights of the half's 8 outputs.
+template <int R, class HalfWeights>
+void tile_product_in_halves(int pairs, const float* x, float acc[][ROW_BLOCK][TILE], HalfWeights half_weights) {
+    constexpr int CHAINS = chains<R, 1>(), HALVES = R <= 6 ? 2 : 1;  // halves a pass
+    for (int pass = 0; pass < 2 / HALVES; ++pass) {
+        __m256 sums[CHAINS][R][HALVES];
+        for (int c = 0; c < CHAINS; ++c)
+            for (int r = 0; r < R; ++r)
+                for (int h = 0; h < HALVES; ++h) sums[c][r][h] = _mm256_setzero_ps();
+        over_pairs<CHAINS>(pairs, [&](int p, int c) {
+            for (int h = 0; h < HALVES; ++h) {
+                __m256 even, odd;
+                half_weights(p, pass * HALVES + h, even, odd);
+                for (int r = 0; r < R; ++r) {
+                    const float* in = x + (p * R + r) * 2;
+                    sums[c][r][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(in), even, sums[c][r][h]);
+                    sums[c][r][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(in + 1), odd, sums[c][r][h]);
+                }
+            }
+        });
+        for (int r = 0; r < R; ++r)
+            for (int h = 0; h < HALVES; ++h) {
+                for (int c = 1; c < CHAINS; ++c) sums[0][r][h] = _mm256_add_ps(sums[0][r][h], sums[c][r][h]);
+                _mm256_storeu_ps(acc[0][r] + 8 * (pass * HALVES + h), sums[0][r][h]);
+            }
+    }
+}
 #endif
 
-// acc[r][j] = sum over inputs of x[r] * weight, for the R rows of a block and the 16 outputs of each of the T
+// acc[u][r] = sum over inputs of x[r] * weight, for the R rows of a block and the 16 outputs of each of the T
 // tiles that follow `tile` (each input broadcast once for T tiles)
 template <int R, int T>
 void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc[][ROW_BLOCK][TILE]) {
-    constexpr int CHAINS = R * T >= 3 ? 1 : 4 / (R * T);  // independent sums: few rows do not wait on each add
-    const size_t next = size_t(pairs) * TILE;     // from one tile to the next
+    const size_t next = size_t(pairs) * TILE;  // from one tile to the next
 #ifdef DOT_PAIRS_IN_BF16
+    constexpr int CHAINS = chains<R, T>();
     __m512 sums[CHAINS][T][R];
     for (int c = 0; c < CHAINS; ++c)
         for (int u = 0; u < T; ++u)
             for (int r = 0; r < R; ++r) sums[c][u][r] = _mm512_setzero_ps();
-    auto add_pair = [&](int p, int c) {
+    over_pairs<CHAINS>(pairs, [&](int p, int c) {
         __m512bh w[T];
         for (int u = 0; u < T; ++u) w[u] = (__m512bh)_mm512_loadu_si512(tile + u * next + p * TILE);
         for (int r = 0; r < R; ++r) {
-            const __m512bh in = (__m512bh)_mm512_set1_epi32(int(x[p * ROW_BLOCK + r]));
+            const __m512bh in = (__m512bh)_mm512_set1_epi32(int(x[p * R + r]));
             for (int u = 0; u < T; ++u) sums[c][u][r] = _mm512_dpbf16_ps(sums[c][u][r], w[u], in);
         }
-    };
+    });
+    store_sums(sums, acc);
 #elif defined(AVX2_FMA)
-    // the even inputs' weights of a tile (a shift), then the odd ones' (a mask), each in two registers of 8,
-    // multiplied by every row's input in turn: per input pair and row 4 FMAs, per pair 4 conversions
     static_assert(T == 1, "AVX2: one tile a step");
-    __m256 sums[CHAINS][R][2];
-    for (int c = 0; c < CHAINS; ++c)
-        for (int r = 0; r < R; ++r) sums[c][r][0] = sums[c][r][1] = _mm256_setzero_ps();
+    (void)next;
     const __m256i high = _mm256_set1_epi32(int(0xffff0000u));
-    auto add_pair = [&](int p, int c) {
-        for (int half = 0; half < 2; ++half) {
-            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + p * TILE + 8 * half));
-            const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-            for (int r = 0; r < R; ++r)
-                sums[c][r][half] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (p * ROW_BLOCK + r) * 2), even,
-                                                   sums[c][r][half]);
-            const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(w, high));
-            for (int r = 0; r < R; ++r)
-                sums[c][r][half] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (p * ROW_BLOCK + r) * 2 + 1), odd,
-                                                   sums[c][r][half]);
-        }
-    };
+    tile_product_in_halves<R>(pairs, x, acc, [&](int p, int half, __m256& even, __m256& odd) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + p * TILE + 8 * half));
+        even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));  // the lower halves: a shift
+        odd = _mm256_castsi256_ps(_mm256_and_si256(w, high));  // the upper ones: a mask
+    });
 #else
+    constexpr int CHAINS = chains<R, T>();
     floats sums[CHAINS][T][R] = {};
-    auto add_pair = [&](int p, int c) {
+    over_pairs<CHAINS>(pairs, [&](int p, int c) {
         for (int u = 0; u < T; ++u) {
             words w;
             std::memcpy(&w, tile + u * next + p * TILE, sizeof(w));
             const floats even = (floats)(w << 16), odd = (floats)(w & 0xffff0000u);
             for (int r = 0; r < R; ++r)
-                sums[c][u][r] += x[(p * ROW_BLOCK + r) * 2] * even + x[(p * ROW_BLOCK + r) * 2 + 1] * odd;
+                sums[c][u][r] += x[(p * R + r) * 2] * even + x[(p * R + r) * 2 + 1] * odd;
         }
-    };
+    });
+    store_sums(sums, acc);
 #endif
-    int p = 0;
-    for (; p + CHAINS <= pairs; p += CHAINS)
-        for (int c = 0; c < CHAINS; ++c) add_pair(p + c, c);
-    for (; p < pairs; ++p) add_pair(p, 0);
-    store_sums<R, T, CHAINS>(sums, acc);
 }
 
-// tile_product for int8 weights and fp32 inputs (x: [pairs][ROW_BLOCK][2]), before the outputs' scales
+// tile_product for int8 weights and fp32 inputs (x: [pairs][R][2]), before the outputs' scales
 template <int R, int T>
 void tile_product(const int8_t* tile, int pairs, const float* x, float acc[][ROW_BLOCK][TILE]) {
-    constexpr int CHAINS = R * T >= 3 ? 1 : 4 / (R * T);
+    const size_t next = size_t(pairs) * 2 * TILE;
 #ifdef AVX2_FMA
-    // as the bf16 one: each half of the tile's outputs in turn, its even and odd inputs' weights widened to fp32
     static_assert(T == 1, "AVX2: one tile a step");
-    __m256 sums[CHAINS][R][2];
-    for (int c = 0; c < CHAINS; ++c)
-        for (int r = 0; r < R; ++r) sums[c][r][0] = sums[c][r][1] = _mm256_setzero_ps();
+    (void)next;
     auto widen = [](const int8_t* bytes) {
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));
     };
-    auto add_pair = [&](int p, int c) {
-        for (int half = 0; half < 2; ++half) {
-            const __m256 even = widen(tile + p * 2 * TILE + 8 * half);
-            const __m256 odd = widen(tile + p * 2 * TILE + TILE + 8 * half);
-            for (int r = 0; r < R; ++r) {
-                sums[c][r][half] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (p * ROW_BLOCK + r) * 2), even,
-                                                   sums[c][r][half]);
-                sums[c][r][half] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (p * ROW_BLOCK + r) * 2 + 1), odd,
-                                                   sums[c][r][half]);
-            }
-        }
-    };
+    tile_product_in_halves<R>(pairs, x, acc, [&](int p, int half, __m256& even, __m256& odd) {
+        even = widen(tile + p * 2 * TILE + 8 * half);
+        odd = widen(tile + p * 2 * TILE + TILE + 8 * half);
+    });
 #else
-    const size_t next = size_t(pairs) * 2 * TILE;
+    constexpr int CHAINS = chains<R, T>();
     floats sums[CHAINS][T][R] = {};
-    auto add_pair = [&](int p, int c) {
+    over_pairs<CHAINS>(pairs, [&](int p, int c) {
         for (int u = 0; u < T; ++u) {
             int8s even_bytes, odd_bytes;
             std::memcpy(&even_bytes, tile + u * next + p * 2 * TILE, TILE);
@@ -256,15 +265,11 @@ void tile_product(const int8_t* tile, int pairs, const float* x, float acc[][ROW
             const floats even = __builtin_convertvector(even_bytes, floats);
             const floats odd = __builtin_convertvector(odd_bytes, floats);
             for (int r = 0; r < R; ++r)
-                sums[c][u][r] += x[(p * ROW_BLOCK + r) * 2] * even + x[(p * ROW_BLOCK + r) * 2 + 1] * odd;
+                sums[c][u][r] += x[(p * R + r) * 2] * even + x[(p * R + r) * 2 + 1] * odd;
         }
-    };
+    });
+    store_sums(sums, acc);
 #endif
-    int p = 0;
-    for (; p + CHAINS <= pairs; p += CHAINS)
-        for (int c = 0; c < CHAINS; ++c) add_pair(p + c, c);
-    for (; p < pairs; ++p) add_pair(p, 0);
-    store_sums<R, T, CHAINS>(sums, acc);
 }
 
 template <int R, int T, class Weight, class Word>

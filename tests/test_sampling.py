@@ -154,11 +154,11 @@ MARCHES = ["native", *(["x86-64-v2"] if platform.machine() in ("x86_64", "AMD64"
 @pytest.mark.parametrize("march", MARCHES)
 def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_block_and_both_activations(
         march, tmp_path, monkeypatch, request):
-    """The C++ step attends in vectors for heads of 32, 64 and 128 and in scalars otherwise (here 7); it pads odd
-    widths (n_embd 21, n_inner 45, vocab 50: not whole tiles of 16) and takes rows in blocks: 17 rows cross a
-    block. With attention scaled by the inverse layer index, caches of 135 to 140 tokens (blocks of 64 keys whose
-    running maximum grows, and every remainder of its loops over 8, 4 and 2 keys) and both activations it
-    computes, against the model's fp32 forward within 3% of the logits' range."""
+    """The C++ step, with bf16 weights and with int8 ones, attends in vectors for heads of 32, 64 and 128 and in
+    scalars otherwise (here 7); it pads odd widths (n_embd 21, n_inner 45, vocab 50: not whole tiles of 16) and takes
+    rows in blocks: 17 rows cross a block. With attention scaled by the inverse layer index, caches of 135 to 140
+    tokens (blocks of 64 keys whose running maximum grows, and every remainder of its loops over 8, 4 and 2 keys)
+    and both activations it computes, against the model's fp32 forward within 3% of the logits' range."""
     import copy
 
     from gpt2zh import native_build
@@ -182,13 +182,14 @@ def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_bloc
         with torch.no_grad():
             reference = reference_model(input_ids=sequence).logits[:, 133:]
         model = copy.deepcopy(reference_model).to(torch.bfloat16)
-        step = decode_step(model, kernel_candidates(model)["bf16-cpp"])
-        cache = preallocated_cache(model, 144)
-        logits = [encode_tokens(model, sequence[:, :134], cache)]
-        logits += [step(sequence[:, position], cache) for position in range(134, 140)]
-        error = (torch.stack(logits, dim=1).float() - reference).abs().max() / reference.abs().max()
-        assert error < 0.03, (n_embd, n_head, activation, error.item())
-        assert cache.get_seq_length() == 140
+        for name in ("bf16-cpp", "int8-cpp"):
+            step = decode_step(model, kernel_candidates(model)[name])
+            cache = preallocated_cache(model, 144)
+            logits = [encode_tokens(model, sequence[:, :134], cache)]
+            logits += [step(sequence[:, position], cache) for position in range(134, 140)]
+            error = (torch.stack(logits, dim=1).float() - reference).abs().max() / reference.abs().max()
+            assert error < 0.03, (name, n_embd, n_head, activation, error.item())
+            assert cache.get_seq_length() == 140
 
 
 def test_without_a_working_compiler_the_cpp_step_is_left_out_and_asking_for_it_is_explained(tmp_path):
