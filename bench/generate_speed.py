@@ -34,25 +34,25 @@ from gpt2zh.model import build_model, count_parameters, load_config  # noqa: E40
 from gpt2zh.sampling import make_logits_processors, sample  # noqa: E402
 
 
-def roofline(model, rows, prefix, length):
-    """(bytes, FLOPs) a run needs at least: bf16 weights read each step (the position table and the embedding
-    lookups aside: the tied output layer reads the token table whole) and a bf16 KV cache of the tokens so far; two
-    FLOPs per weight and row, four per cached key or value element and row."""
+def roofline(model, rows, prefix, length, weight_bytes=2):
+    """(bytes, FLOPs) a run needs at least: bf16 weights (weight_bytes 1: int8) read each step (the position table
+    and the embedding lookups aside: the tied output layer reads the token table whole) and a bf16 KV cache of the
+    tokens so far; two FLOPs per weight and row, four per cached key or value element and row."""
     config = model.config
     weights = count_parameters(model) - config.n_positions * config.n_embd
     cached = sum(min(prefix + step, config.n_ctx) for step in range(length))
     cache_elements = rows * config.n_layer * 2 * config.n_embd * cached  # keys and values
-    return length * 2 * weights + 2 * cache_elements, length * 2 * rows * weights + 2 * cache_elements
+    return length * weight_bytes * weights + 2 * cache_elements, length * 2 * rows * weights + 2 * cache_elements
 
 
 def own_weights_bandwidth(step, model, repeats=3):
     """Bytes a second x.sum() reads over the weights the step streams (the C++ step's packed copies, else the
     model's): on a VM the speed of memory depends on where the pages landed, fixed for the process's lifetime."""
-    weights = [t for t in getattr(step, "params", []) if t is not None and t.dtype == torch.bfloat16]
+    weights = [t for t in getattr(step, "params", []) if t is not None and t.dtype in (torch.bfloat16, torch.int8)]
     weights = weights or [p.detach() for p in model.parameters() if p.dim() == 2]
     # read as fp32 words (the same bytes): a bf16 sum would convert every value and could be bound by that instead
-    weights = [t.reshape(-1).view(torch.float32) if t.element_size() == 2 and t.numel() % 2 == 0 else t
-               for t in weights]
+    weights = [t.reshape(-1).view(torch.float32) if t.element_size() < 4 and t.numel() * t.element_size() % 4 == 0
+               else t for t in weights]
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -103,7 +103,7 @@ def main():
         step = decode_step(model, kernel_candidates(model)[chosen], rows)
         if chosen.endswith("-cpp"):
             print(f"  {chosen}: {native.arithmetic()}")
-        needed, flops = roofline(model, rows, len(prefix), args.length)
+        needed, flops = roofline(model, rows, len(prefix), args.length, 1 if chosen == "int8-cpp" else 2)
         # x.sum() over a fresh 1 GiB reads ~33 GB/s on this VM most of the time and 55-65 GB/s at other moments (which
         # a C++ streaming loop run at the same moment mostly does not see); the bytes the step itself streams, its
         # weights, read at a speed fixed by where they landed. So the bandwidth is read three ways, before, between
