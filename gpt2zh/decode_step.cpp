@@ -113,11 +113,10 @@ struct Linear {
 // input pair, the block's rows side by side (so that one pointer reaches them all, and one row is a dense run):
 // with AVX512-BF16 one uint32 per row (the pair in bf16), else two floats.
 #ifdef DOT_PAIRS_IN_BF16
-constexpr int PER_ROW = 1;
+using InputWord = uint32_t;
 #else
-constexpr int PER_ROW = 2;
+using InputWord = float;
 #endif
-using InputWord = std::conditional_t<PER_ROW == 1, uint32_t, float>;
 
 // Word: InputWord for bf16 weights, float for int8 ones (multiplied in fp32 on every CPU)
 template <class Word>
@@ -199,7 +198,7 @@ void tile_product_in_halves(int pairs, const float* x, float acc[][ROW_BLOCK][TI
 // tiles that follow `tile` (each input broadcast once for T tiles)
 template <int R, int T>
 void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc[][ROW_BLOCK][TILE]) {
-    const size_t next = size_t(pairs) * TILE;  // from one tile to the next
+    [[maybe_unused]] const size_t next = size_t(pairs) * TILE;  // from one tile to the next (T > 1)
 #ifdef DOT_PAIRS_IN_BF16
     constexpr int CHAINS = chains<R, T>();
     __m512 sums[CHAINS][T][R];
@@ -217,7 +216,6 @@ void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc
     store_sums(sums, acc);
 #elif defined(AVX2_FMA)
     static_assert(T == 1, "AVX2: one tile a step");
-    (void)next;
     const __m256i high = _mm256_set1_epi32(int(0xffff0000u));
     tile_product_in_halves<R>(pairs, x, acc, [&](int p, int half, __m256& even, __m256& odd) {
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + p * TILE + 8 * half));
@@ -243,10 +241,9 @@ void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc
 // tile_product for int8 weights and fp32 inputs (x: [pairs][R][2]), before the outputs' scales
 template <int R, int T>
 void tile_product(const int8_t* tile, int pairs, const float* x, float acc[][ROW_BLOCK][TILE]) {
-    const size_t next = size_t(pairs) * 2 * TILE;
+    [[maybe_unused]] const size_t next = size_t(pairs) * 2 * TILE;
 #ifdef AVX2_FMA
     static_assert(T == 1, "AVX2: one tile a step");
-    (void)next;
     auto widen = [](const int8_t* bytes) {
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));
     };
