@@ -17,11 +17,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define DOT_PAIRS_IN_BF16 1
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-#include <immintrin.h>
 #define AVX2_FMA 1
 #endif
 
@@ -242,7 +243,34 @@ void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc
 template <int R, int T>
 void tile_product(const int8_t* tile, int pairs, const float* x, float acc[][ROW_BLOCK][TILE]) {
     [[maybe_unused]] const size_t next = size_t(pairs) * 2 * TILE;
-#ifdef AVX2_FMA
+#ifdef __AVX512F__
+    // as the bf16 one: each input pair broadcast once for the T tiles, whose 16 even and 16 odd bytes are widened to
+    // floats (the portable code below kept its sums in memory here)
+    constexpr int CHAINS = chains<R, T>();
+    __m512 sums[CHAINS][T][R];
+    for (int c = 0; c < CHAINS; ++c)
+        for (int u = 0; u < T; ++u)
+            for (int r = 0; r < R; ++r) sums[c][u][r] = _mm512_setzero_ps();
+    auto widen = [](const int8_t* bytes) {
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))));
+    };
+    over_pairs<CHAINS>(pairs, [&](int p, int c) {
+        __m512 even[T], odd[T];
+        for (int u = 0; u < T; ++u) {
+            even[u] = widen(tile + u * next + p * 2 * TILE);
+            odd[u] = widen(tile + u * next + p * 2 * TILE + TILE);
+        }
+#pragma GCC unroll 12  // the sums stay in registers only if every row's code is laid out
+        for (int r = 0; r < R; ++r) {
+            const __m512 a = _mm512_set1_ps(x[(p * R + r) * 2]), b = _mm512_set1_ps(x[(p * R + r) * 2 + 1]);
+            for (int u = 0; u < T; ++u) {
+                sums[c][u][r] = _mm512_fmadd_ps(a, even[u], sums[c][u][r]);
+                sums[c][u][r] = _mm512_fmadd_ps(b, odd[u], sums[c][u][r]);
+            }
+        }
+    });
+    store_sums(sums, acc);
+#elif defined(AVX2_FMA)
     static_assert(T == 1, "AVX2: one tile a step");
     auto widen = [](const int8_t* bytes) {
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));

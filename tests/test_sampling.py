@@ -146,6 +146,25 @@ def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path,
         choose_kernel(model, 2, 16, "fast", say=said.append)
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+def test_every_x86_code_path_of_the_cpp_step_compiles(tmp_path, monkeypatch):
+    """decode_step.cpp's branches for instruction sets this CPU may lack compile too (a CPU that has them runs them in
+    the tests below): AVX-512 with bf16 dot products (a Zen 4), AVX-512 without them (an Ice Lake: its own int8
+    code), AVX2 (a Zen 3) and none of these (the portable vector code)."""
+    from gpt2zh import native_build
+
+    command = native_build.compiler()
+    for march, marks in (("sapphirerapids", {"avx512_bf16"}), ("icelake-server", {"avx512f"}),
+                         ("haswell", {"avx2", "fma"}), ("x86-64-v2", {"sse4_2"})):
+        monkeypatch.setenv("GPT2ZH_MARCH", march)
+        features = native_build.target_features(command)
+        if not features:
+            pytest.skip(f"{command} cannot say what it compiles for")
+        assert marks <= features and (march != "icelake-server" or "avx512_bf16" not in features), (march, features)
+        native_build.build(command, tmp_path / f"{march}.so")
+        assert (tmp_path / f"{march}.so").stat().st_size > 0
+
+
 # the C++ step built for this CPU, and on x86 also for one without AVX2 (its portable vector code, which AVX-512 and
 # ARM CPUs run)
 MARCHES = ["native", *(["x86-64-v2"] if platform.machine() in ("x86_64", "AMD64") else [])]
