@@ -195,6 +195,32 @@ void tile_product_in_halves(int pairs, const float* x, float acc[][ROW_BLOCK][TI
 }
 #endif
 
+#ifdef __AVX512F__
+// acc[u][r] = row r's 16 sums of tile u, in fp32 multiply-adds: each input pair broadcast once for the T tiles;
+// pair_weights(u, p, even, odd) sets tile u's fp32 weights of input pair p (bf16 without AVX512-BF16, or int8)
+template <int R, int T, class PairWeights>
+void tile_product_in_floats(int pairs, const float* x, float acc[][ROW_BLOCK][TILE], PairWeights pair_weights) {
+    constexpr int CHAINS = chains<R, T>();
+    __m512 sums[CHAINS][T][R];
+    for (int c = 0; c < CHAINS; ++c)
+        for (int u = 0; u < T; ++u)
+            for (int r = 0; r < R; ++r) sums[c][u][r] = _mm512_setzero_ps();
+    over_pairs<CHAINS>(pairs, [&](int p, int c) {
+        __m512 even[T], odd[T];
+        for (int u = 0; u < T; ++u) pair_weights(u, p, even[u], odd[u]);
+#pragma GCC unroll 12  // the sums stay in registers only if every row's code is laid out
+        for (int r = 0; r < R; ++r) {
+            const __m512 a = _mm512_set1_ps(x[(p * R + r) * 2]), b = _mm512_set1_ps(x[(p * R + r) * 2 + 1]);
+            for (int u = 0; u < T; ++u) {
+                sums[c][u][r] = _mm512_fmadd_ps(a, even[u], sums[c][u][r]);
+                sums[c][u][r] = _mm512_fmadd_ps(b, odd[u], sums[c][u][r]);
+            }
+        }
+    });
+    store_sums(sums, acc);
+}
+#endif
+
 // acc[u][r] = sum over inputs of x[r] * weight, for the R rows of a block and the 16 outputs of each of the T
 // tiles that follow `tile` (each input broadcast once for T tiles)
 template <int R, int T>
@@ -223,6 +249,13 @@ void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc
         even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));  // the lower halves: a shift
         odd = _mm256_castsi256_ps(_mm256_and_si256(w, high));  // the upper ones: a mask
     });
+#elif defined(__AVX512F__)  // without AVX512-BF16 (Skylake to Ice Lake servers)
+    const __m512i high = _mm512_set1_epi32(int(0xffff0000u));
+    tile_product_in_floats<R, T>(pairs, x, acc, [&](int u, int p, __m512& even, __m512& odd) {
+        const __m512i w = _mm512_loadu_si512(tile + u * next + p * TILE);
+        even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        odd = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+    });
 #else
     constexpr int CHAINS = chains<R, T>();
     floats sums[CHAINS][T][R] = {};
@@ -244,32 +277,13 @@ template <int R, int T>
 void tile_product(const int8_t* tile, int pairs, const float* x, float acc[][ROW_BLOCK][TILE]) {
     [[maybe_unused]] const size_t next = size_t(pairs) * 2 * TILE;
 #ifdef __AVX512F__
-    // as the bf16 one: each input pair broadcast once for the T tiles, whose 16 even and 16 odd bytes are widened to
-    // floats (the portable code below kept its sums in memory here)
-    constexpr int CHAINS = chains<R, T>();
-    __m512 sums[CHAINS][T][R];
-    for (int c = 0; c < CHAINS; ++c)
-        for (int u = 0; u < T; ++u)
-            for (int r = 0; r < R; ++r) sums[c][u][r] = _mm512_setzero_ps();
     auto widen = [](const int8_t* bytes) {
         return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))));
     };
-    over_pairs<CHAINS>(pairs, [&](int p, int c) {
-        __m512 even[T], odd[T];
-        for (int u = 0; u < T; ++u) {
-            even[u] = widen(tile + u * next + p * 2 * TILE);
-            odd[u] = widen(tile + u * next + p * 2 * TILE + TILE);
-        }
-#pragma GCC unroll 12  // the sums stay in registers only if every row's code is laid out
-        for (int r = 0; r < R; ++r) {
-            const __m512 a = _mm512_set1_ps(x[(p * R + r) * 2]), b = _mm512_set1_ps(x[(p * R + r) * 2 + 1]);
-            for (int u = 0; u < T; ++u) {
-                sums[c][u][r] = _mm512_fmadd_ps(a, even[u], sums[c][u][r]);
-                sums[c][u][r] = _mm512_fmadd_ps(b, odd[u], sums[c][u][r]);
-            }
-        }
+    tile_product_in_floats<R, T>(pairs, x, acc, [&](int u, int p, __m512& even, __m512& odd) {
+        even = widen(tile + u * next + p * 2 * TILE);
+        odd = widen(tile + u * next + p * 2 * TILE + TILE);
     });
-    store_sums(sums, acc);
 #elif defined(AVX2_FMA)
     static_assert(T == 1, "AVX2: one tile a step");
     auto widen = [](const int8_t* bytes) {
