@@ -6,10 +6,10 @@
 // Weights are bf16, packed by native.py as [tiles of 16 outputs][input pairs][16 outputs] of uint32, each holding
 // the weights of two consecutive inputs for one output (the lower half the even input): a tile is one contiguous
 // run of memory, and AVX512-BF16's dot product of pairs (vdpbf16ps) takes it as it is. Without that instruction
-// the same loops run in fp32 (the compiler vectorizes them for whatever the CPU has). Or int8 with a scale per
-// output (half the bytes a step reads), packed as [tiles][input pairs][the 16 even inputs', the 16 odd ones'],
-// multiplied in fp32 and scaled after the sum. The residual stream, layer norms, softmax and accumulations are
-// fp32; the cache is bf16 [rows, heads, capacity, head_dim].
+// the weights are widened to fp32 and multiplied in fp32 (AVX-512 and AVX2 in intrinsics, other CPUs in portable
+// vector code). Or int8 with a scale per output (half the bytes a step reads), packed as [tiles][input pairs][the
+// 16 even inputs', the 16 odd ones'], multiplied in fp32 and scaled after the sum. The residual stream, layer
+// norms, softmax and accumulations are fp32; the cache is bf16 [rows, heads, capacity, head_dim].
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
