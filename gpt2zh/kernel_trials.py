@@ -48,7 +48,8 @@ def choose(what, flag, forced, candidates, shape, measure, unit, say=print):
         how = "measured now"
     else:
         how = f"measured before, remembered in {path}"
-    ranked = sorted(entry["ms"].items(), key=lambda item: item[1])
+    # fastest first; among timings equal once rounded, the choice (the fastest unrounded) leads
+    ranked = sorted(entry["ms"].items(), key=lambda item: (item[1], item[0] != entry["choice"]))
     timings = ", ".join(f"{name} {ms} ms" for name, ms in ranked[:SHOWN])
     if len(ranked) > SHOWN:  # the line stays short; the file has them all
         timings += f", … {len(ranked) - SHOWN} more up to {ranked[-1][1]} ms"
