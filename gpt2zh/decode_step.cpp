@@ -171,10 +171,7 @@ template <int R, class HalfWeights>
 void tile_product_in_halves(int pairs, const float* x, float acc[][ROW_BLOCK][TILE], HalfWeights half_weights) {
     constexpr int CHAINS = chains<R, 1>(), HALVES = R <= 6 ? 2 : 1;  // halves a pass
     for (int pass = 0; pass < 2 / HALVES; ++pass) {
-        __m256 sums[CHAINS][R][HALVES];
-        for (int c = 0; c < CHAINS; ++c)
-            for (int r = 0; r < R; ++r)
-                for (int h = 0; h < HALVES; ++h) sums[c][r][h] = _mm256_setzero_ps();
+        __m256 sums[CHAINS][R][HALVES] = {};
         over_pairs<CHAINS>(pairs, [&](int p, int c) {
             for (int h = 0; h < HALVES; ++h) {
                 __m256 even, odd;
@@ -201,10 +198,7 @@ void tile_product_in_halves(int pairs, const float* x, float acc[][ROW_BLOCK][TI
 template <int R, int T, class PairWeights>
 void tile_product_in_floats(int pairs, const float* x, float acc[][ROW_BLOCK][TILE], PairWeights pair_weights) {
     constexpr int CHAINS = chains<R, T>();
-    __m512 sums[CHAINS][T][R];
-    for (int c = 0; c < CHAINS; ++c)
-        for (int u = 0; u < T; ++u)
-            for (int r = 0; r < R; ++r) sums[c][u][r] = _mm512_setzero_ps();
+    __m512 sums[CHAINS][T][R] = {};
     over_pairs<CHAINS>(pairs, [&](int p, int c) {
         __m512 even[T], odd[T];
         for (int u = 0; u < T; ++u) pair_weights(u, p, even[u], odd[u]);
@@ -228,10 +222,7 @@ void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc
     [[maybe_unused]] const size_t next = size_t(pairs) * TILE;  // from one tile to the next (T > 1)
 #ifdef DOT_PAIRS_IN_BF16
     constexpr int CHAINS = chains<R, T>();
-    __m512 sums[CHAINS][T][R];
-    for (int c = 0; c < CHAINS; ++c)
-        for (int u = 0; u < T; ++u)
-            for (int r = 0; r < R; ++r) sums[c][u][r] = _mm512_setzero_ps();
+    __m512 sums[CHAINS][T][R] = {};
     over_pairs<CHAINS>(pairs, [&](int p, int c) {
         __m512bh w[T];
         for (int u = 0; u < T; ++u) w[u] = (__m512bh)_mm512_loadu_si512(tile + u * next + p * TILE);
