@@ -48,7 +48,7 @@ def roofline(model, rows, prefix, length, weight_bytes=2):
 def own_weights_bandwidth(step, model, repeats=3):
     """Bytes a second x.sum() reads over the weights the step streams (the C++ step's packed copies, else the
     model's): on a VM the speed of memory depends on where the pages landed, fixed for the process's lifetime."""
-    weights = [t for t in getattr(step, "params", []) if t is not None and t.dtype in (torch.bfloat16, torch.int8)]
+    weights = [t for t in getattr(step, "params", []) if t is not None and t.dtype in (torch.bfloat16, torch.uint8)]
     weights = weights or [p.detach() for p in model.parameters() if p.dim() == 2]
     # read as fp32 words (the same bytes): a bf16 sum would convert every value and could be bound by that instead
     weights = [t.reshape(-1).view(torch.float32) if t.element_size() < 4 and t.numel() * t.element_size() % 4 == 0

@@ -7,9 +7,11 @@
 // the weights of two consecutive inputs for one output (the lower half the even input): a tile is one contiguous
 // run of memory, and AVX512-BF16's dot product of pairs (vdpbf16ps) takes it as it is. Without that instruction
 // the weights are widened to fp32 and multiplied in fp32 (AVX-512 and AVX2 in intrinsics, other CPUs in portable
-// vector code). Or int8 with a scale per output (half the bytes a step reads), packed as [tiles][input pairs][the
-// 16 even inputs', the 16 odd ones'], multiplied in fp32 and scaled after the sum. The residual stream, layer
-// norms, softmax and accumulations are fp32; the cache is bf16 [rows, heads, capacity, head_dim].
+// vector code). Or int8 with a scale per output (half the bytes a step reads), packed as [tiles][input quads][16
+// outputs][4 inputs]: each linear layer's input rows are quantized too (to 7 bits, a scale per row), and the
+// products are summed in integers — AVX2's and AVX-512's multiply-adds of bytes do four times the work of an fp32
+// multiply-add in a vector, where ten rows make the step compute-bound. The residual stream, layer norms, softmax
+// and the sums of bf16 products are fp32; the cache is bf16 [rows, heads, capacity, head_dim].
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -42,7 +44,6 @@ constexpr int TILES_PER_STEP = 1;
 
 typedef float floats __attribute__((vector_size(64)));     // 16 floats, mapped on the CPU's vectors
 typedef uint32_t words __attribute__((vector_size(64)));
-typedef int8_t int8s __attribute__((vector_size(16)));
 
 inline float bits_to_float(uint32_t u) {
     float f;
@@ -87,6 +88,19 @@ inline float sum_of(int n, Term term) {
     return total;
 }
 
+// the largest of term(0) .. term(n - 1) (n >= 0, terms >= 0), in 16 lanes the compiler may vectorize
+template <class Term>
+inline float largest_of(int n, Term term) {
+    float lanes[16] = {};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; ++j) lanes[j] = std::max(lanes[j], term(i + j));
+    float top = 0.0f;
+    for (; i < n; ++i) top = std::max(top, term(i));
+    for (int j = 0; j < 16; ++j) top = std::max(top, lanes[j]);
+    return top;
+}
+
 enum Activation { GELU_TANH = 0, RELU = 1 };
 
 // GPT-2's gelu_new (its tanh written with exp) or relu, over n values in place
@@ -102,59 +116,106 @@ void activate(float* v, int n, int activation) {
 }
 
 struct Linear {
-    const void* packed;  // bf16: [tiles][pairs][TILE] uint32; int8 (when scale): [tiles][pairs][2][TILE]
+    const void* packed;  // bf16: [tiles][pairs][TILE] uint32; int8 (when scale): [tiles][quads][TILE][4] uint8
     const float* scale;  // [out]: each output's int8 scale, or null for bf16 weights
     const float* bias;   // [out] or null
     int in, out;
     int pairs() const { return (in + 1) / 2; }
+    int quads() const { return (in + 3) / 4; }
     int tiles() const { return (out + TILE - 1) / TILE; }
 };
 
-// The input rows as tile_product reads them: for each block of ROW_BLOCK rows (the last one: those left) and each
-// input pair, the block's rows side by side (so that one pointer reaches them all, and one row is a dense run):
-// with AVX512-BF16 one uint32 per row (the pair in bf16), else two floats.
+// int8 weights are packed plus 128 (1..255, unsigned bytes) and the inputs they multiply quantized to -63..63 (each
+// row with its own scale): two products of such bytes and their sum fit in 16 bits (2 * 255 * 63 < 32768), as AVX2's
+// multiply-add of bytes (vpmaddubsw: unsigned by signed, pairs summed) wants, and the 128s come off after the sum
+// (128 times the sum of the row's quantized inputs).
+constexpr int WEIGHT_OFFSET = 128, INPUT_LEVELS = 63;
+
+typedef int32_t ints __attribute__((vector_size(64)));  // 16 int32 sums
+
+// The inputs as tile_product reads them: for each block of ROW_BLOCK rows (the last one: those left) and each group
+// of inputs (a pair for bf16 weights, a quad for int8 ones), the block's rows side by side (so that one pointer
+// reaches them all, and one row is a dense run). put(r, g, words) writes row r's group g.
+template <int PER_GROUP, class Word, class Put>
+void interleave(int rows, int groups, std::vector<Word>& out, Put put) {
+    out.resize(size_t(rows) * groups * PER_GROUP);
+    for (int r = 0; r < rows; ++r) {
+        const int first = r - r % ROW_BLOCK, width = std::min(ROW_BLOCK, rows - first);  // the row's block
+        Word* block = out.data() + size_t(first) * groups * PER_GROUP;
+        for (int g = 0; g < groups; ++g) put(r, g, block + (size_t(g) * width + r - first) * PER_GROUP);
+    }
+}
+
+// A pair of inputs for bf16 weights: with AVX512-BF16 one uint32 (the pair in bf16), else two floats
 #ifdef DOT_PAIRS_IN_BF16
 using InputWord = uint32_t;
 #else
 using InputWord = float;
 #endif
+constexpr int WORDS_A_PAIR = std::is_same_v<InputWord, float> ? 2 : 1;
 
-// Word: InputWord for bf16 weights, float for int8 ones (multiplied in fp32 on every CPU)
-template <class Word>
-void interleave(int rows, int pairs, const float* x, int ldx, std::vector<Word>& out) {
-    constexpr int per_row = std::is_same_v<Word, float> ? 2 : 1;
-    out.resize(size_t(rows) * pairs * per_row);
-    for (int r = 0; r < rows; ++r) {
-        const int first = r - r % ROW_BLOCK, width = std::min(ROW_BLOCK, rows - first);  // the row's block
-        Word* block = out.data() + size_t(first) * pairs * per_row;
-        for (int p = 0; p < pairs; ++p) {
-            const float a = x[size_t(r) * ldx + 2 * p], b = x[size_t(r) * ldx + 2 * p + 1];
-            Word* word = block + (size_t(p) * width + r - first) * per_row;
-            if constexpr (per_row == 1) {
-                word[0] = uint32_t(to_bf16(a)) | uint32_t(to_bf16(b)) << 16;
-            } else {
-                word[0] = a;
-                word[1] = b;
-            }
+void interleave_pairs(int rows, int pairs, const float* x, int ldx, std::vector<InputWord>& out) {
+    interleave<WORDS_A_PAIR>(rows, pairs, out, [&](int r, int p, InputWord* word) {
+        const float a = x[size_t(r) * ldx + 2 * p], b = x[size_t(r) * ldx + 2 * p + 1];
+        if constexpr (WORDS_A_PAIR == 1) {
+            word[0] = uint32_t(to_bf16(a)) | uint32_t(to_bf16(b)) << 16;
+        } else {
+            word[0] = a;
+            word[1] = b;
         }
-    }
+    });
 }
 
-// add_pair(p, c) for every input pair p, into CHAINS independent sums c (few rows do not wait on each add)
-template <int CHAINS, class AddPair>
-inline void over_pairs(int pairs, AddPair add_pair) {
-    int p = 0;
-    for (; p + CHAINS <= pairs; p += CHAINS)
-        for (int c = 0; c < CHAINS; ++c) add_pair(p + c, c);
-    for (; p < pairs; ++p) add_pair(p, 0);
+// Rows quantized for int8 weights: each row's inputs times INPUT_LEVELS / (their largest magnitude), rounded to
+// bytes, four a word (quad); scale: what a quantized input is worth; offset: what the weights' +128 adds to a sum.
+struct QuantizedRows {
+    std::vector<int8_t> bytes;
+    std::vector<int32_t> quads;
+    std::vector<float> scale;
+    std::vector<int32_t> offset;
+};
+
+void quantize_rows(int rows, int in, int quads, const float* x, int ldx, QuantizedRows& q) {
+    // adding 1.5 * 2^23 rounds a float to a whole number (to even, as torch.round does), in vectors
+    constexpr float ROUNDING = 12582912.0f, LEVELS = INPUT_LEVELS;
+    q.bytes.assign(size_t(rows) * 4 * quads, 0);  // past `in`: zeros
+    q.scale.resize(rows);
+    q.offset.resize(rows);
+    for (int r = 0; r < rows; ++r) {
+        const float* row = x + size_t(r) * ldx;
+        const float top = largest_of(in, [&](int i) { return std::fabs(row[i]); });
+        const float times = top > 0.0f ? INPUT_LEVELS / top : 0.0f;
+        int8_t* bytes = q.bytes.data() + size_t(r) * 4 * quads;
+        int sum = 0;
+        for (int i = 0; i < in; ++i) {
+            const float level = std::clamp((row[i] * times + ROUNDING) - ROUNDING, -LEVELS, LEVELS);
+            bytes[i] = int8_t(level);
+            sum += int(level);
+        }
+        q.scale[r] = top / INPUT_LEVELS;
+        q.offset[r] = WEIGHT_OFFSET * sum;
+    }
+    interleave<1>(rows, quads, q.quads, [&](int r, int g, int32_t* word) {
+        std::memcpy(word, q.bytes.data() + (size_t(r) * quads + g) * 4, 4);
+    });
+}
+
+// add_group(g, c) for every input group g (a pair, a quad), into CHAINS independent sums c (few rows do not wait on
+// each add)
+template <int CHAINS, class AddGroup>
+inline void over_groups(int groups, AddGroup add_group) {
+    int g = 0;
+    for (; g + CHAINS <= groups; g += CHAINS)
+        for (int c = 0; c < CHAINS; ++c) add_group(g + c, c);
+    for (; g < groups; ++g) add_group(g, 0);
 }
 
 template <int R, int T>
 constexpr int chains() { return R * T >= 3 ? 1 : 4 / (R * T); }
 
 // acc[u][r] = the chains of row r's tile u added up
-template <int R, int T, int CHAINS, class Sum>
-void store_sums(Sum (&sums)[CHAINS][T][R], float acc[][ROW_BLOCK][TILE]) {
+template <int R, int T, int CHAINS, class Sum, class Acc>
+void store_sums(Sum (&sums)[CHAINS][T][R], Acc acc[][ROW_BLOCK][TILE]) {
     for (int u = 0; u < T; ++u)
         for (int r = 0; r < R; ++r) {
             for (int c = 1; c < CHAINS; ++c) sums[0][u][r] += sums[c][u][r];
@@ -163,67 +224,42 @@ void store_sums(Sum (&sums)[CHAINS][T][R], float acc[][ROW_BLOCK][TILE]) {
 }
 
 #ifdef AVX2_FMA
+typedef int32_t ints8 __attribute__((vector_size(32)));
+
 // acc[0][r] = row r's 16 sums of one tile, in two registers of 8 (halves). Up to 6 rows both halves in one pass over
-// the input pairs (12 sums, the weights and a broadcast fit in the 16 registers), more rows a half at a time (up to
-// 12 sums): each weight is widened once for all the rows, and a tile is read from memory once.
-// half_weights(p, half, even, odd) sets input pair p's fp32 weights of the half's 8 outputs.
-template <int R, class HalfWeights>
-void tile_product_in_halves(int pairs, const float* x, float acc[][ROW_BLOCK][TILE], HalfWeights half_weights) {
+// the input groups (12 sums, the weights and a broadcast fit in the 16 registers), more rows a half at a time (up to
+// 12 sums): each weight is loaded (and widened) once for all the rows, and a tile is read from memory once.
+// half_weights(g, half): input group g's weights of the half's 8 outputs; add(sum, weights, g, r): the sum plus row
+// r's products with them.
+template <int R, class Sum, class Acc, class HalfWeights, class Add>
+void tile_product_in_halves(int groups, Acc acc[][ROW_BLOCK][TILE], HalfWeights half_weights, Add add) {
     constexpr int CHAINS = chains<R, 1>(), HALVES = R <= 6 ? 2 : 1;  // halves a pass
     for (int pass = 0; pass < 2 / HALVES; ++pass) {
-        __m256 sums[CHAINS][R][HALVES] = {};
-        over_pairs<CHAINS>(pairs, [&](int p, int c) {
+        Sum sums[CHAINS][R][HALVES] = {};
+        over_groups<CHAINS>(groups, [&](int g, int c) {
             for (int h = 0; h < HALVES; ++h) {
-                __m256 even, odd;
-                half_weights(p, pass * HALVES + h, even, odd);
-                for (int r = 0; r < R; ++r) {
-                    const float* in = x + (p * R + r) * 2;
-                    sums[c][r][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(in), even, sums[c][r][h]);
-                    sums[c][r][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(in + 1), odd, sums[c][r][h]);
-                }
+                const auto weights = half_weights(g, pass * HALVES + h);
+                for (int r = 0; r < R; ++r) sums[c][r][h] = add(sums[c][r][h], weights, g, r);
             }
         });
         for (int r = 0; r < R; ++r)
             for (int h = 0; h < HALVES; ++h) {
-                for (int c = 1; c < CHAINS; ++c) sums[0][r][h] = _mm256_add_ps(sums[0][r][h], sums[c][r][h]);
-                _mm256_storeu_ps(acc[0][r] + 8 * (pass * HALVES + h), sums[0][r][h]);
+                for (int c = 1; c < CHAINS; ++c) sums[0][r][h] += sums[c][r][h];
+                std::memcpy(acc[0][r] + 8 * (pass * HALVES + h), &sums[0][r][h], sizeof(sums[0][r][h]));
             }
     }
 }
 #endif
 
-#ifdef __AVX512F__
-// acc[u][r] = row r's 16 sums of tile u, in fp32 multiply-adds: each input pair broadcast once for the T tiles;
-// pair_weights(u, p, even, odd) sets tile u's fp32 weights of input pair p (bf16 without AVX512-BF16, or int8)
-template <int R, int T, class PairWeights>
-void tile_product_in_floats(int pairs, const float* x, float acc[][ROW_BLOCK][TILE], PairWeights pair_weights) {
-    constexpr int CHAINS = chains<R, T>();
-    __m512 sums[CHAINS][T][R] = {};
-    over_pairs<CHAINS>(pairs, [&](int p, int c) {
-        __m512 even[T], odd[T];
-        for (int u = 0; u < T; ++u) pair_weights(u, p, even[u], odd[u]);
-#pragma GCC unroll 12  // the sums stay in registers only if every row's code is laid out
-        for (int r = 0; r < R; ++r) {
-            const __m512 a = _mm512_set1_ps(x[(p * R + r) * 2]), b = _mm512_set1_ps(x[(p * R + r) * 2 + 1]);
-            for (int u = 0; u < T; ++u) {
-                sums[c][u][r] = _mm512_fmadd_ps(a, even[u], sums[c][u][r]);
-                sums[c][u][r] = _mm512_fmadd_ps(b, odd[u], sums[c][u][r]);
-            }
-        }
-    });
-    store_sums(sums, acc);
-}
-#endif
-
 // acc[u][r] = sum over inputs of x[r] * weight, for the R rows of a block and the 16 outputs of each of the T
-// tiles that follow `tile` (each input broadcast once for T tiles)
+// tiles that follow `tile` (each input broadcast once for T tiles); bf16 weights
 template <int R, int T>
 void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc[][ROW_BLOCK][TILE]) {
     [[maybe_unused]] const size_t next = size_t(pairs) * TILE;  // from one tile to the next (T > 1)
-#ifdef DOT_PAIRS_IN_BF16
     constexpr int CHAINS = chains<R, T>();
+#ifdef DOT_PAIRS_IN_BF16
     __m512 sums[CHAINS][T][R] = {};
-    over_pairs<CHAINS>(pairs, [&](int p, int c) {
+    over_groups<CHAINS>(pairs, [&](int p, int c) {
         __m512bh w[T];
         for (int u = 0; u < T; ++u) w[u] = (__m512bh)_mm512_loadu_si512(tile + u * next + p * TILE);
         for (int r = 0; r < R; ++r) {
@@ -234,23 +270,37 @@ void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc
     store_sums(sums, acc);
 #elif defined(AVX2_FMA)
     static_assert(T == 1, "AVX2: one tile a step");
+    struct Pairs { __m256 even, odd; };
     const __m256i high = _mm256_set1_epi32(int(0xffff0000u));
-    tile_product_in_halves<R>(pairs, x, acc, [&](int p, int half, __m256& even, __m256& odd) {
+    tile_product_in_halves<R, __m256>(pairs, acc, [&](int p, int half) {
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + p * TILE + 8 * half));
-        even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));  // the lower halves: a shift
-        odd = _mm256_castsi256_ps(_mm256_and_si256(w, high));  // the upper ones: a mask
+        return Pairs{_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)),  // the lower halves: a shift
+                     _mm256_castsi256_ps(_mm256_and_si256(w, high))};  // the upper ones: a mask
+    }, [&](__m256 sum, const Pairs& w, int p, int r) {
+        const float* in = x + (p * R + r) * 2;
+        return _mm256_fmadd_ps(_mm256_broadcast_ss(in + 1), w.odd, _mm256_fmadd_ps(_mm256_broadcast_ss(in), w.even, sum));
     });
 #elif defined(__AVX512F__)  // without AVX512-BF16 (Skylake to Ice Lake servers)
     const __m512i high = _mm512_set1_epi32(int(0xffff0000u));
-    tile_product_in_floats<R, T>(pairs, x, acc, [&](int u, int p, __m512& even, __m512& odd) {
-        const __m512i w = _mm512_loadu_si512(tile + u * next + p * TILE);
-        even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-        odd = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+    __m512 sums[CHAINS][T][R] = {};
+    over_groups<CHAINS>(pairs, [&](int p, int c) {
+        __m512 even[T], odd[T];
+        for (int u = 0; u < T; ++u) {
+            const __m512i w = _mm512_loadu_si512(tile + u * next + p * TILE);
+            even[u] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+            odd[u] = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+        }
+#pragma GCC unroll 12  // the sums stay in registers only if every row's code is laid out
+        for (int r = 0; r < R; ++r) {
+            const __m512 a = _mm512_set1_ps(x[(p * R + r) * 2]), b = _mm512_set1_ps(x[(p * R + r) * 2 + 1]);
+            for (int u = 0; u < T; ++u)
+                sums[c][u][r] = _mm512_fmadd_ps(b, odd[u], _mm512_fmadd_ps(a, even[u], sums[c][u][r]));
+        }
     });
+    store_sums(sums, acc);
 #else
-    constexpr int CHAINS = chains<R, T>();
     floats sums[CHAINS][T][R] = {};
-    over_pairs<CHAINS>(pairs, [&](int p, int c) {
+    over_groups<CHAINS>(pairs, [&](int p, int c) {
         for (int u = 0; u < T; ++u) {
             words w;
             std::memcpy(&w, tile + u * next + p * TILE, sizeof(w));
@@ -263,96 +313,122 @@ void tile_product(const uint32_t* tile, int pairs, const InputWord* x, float acc
 #endif
 }
 
-// tile_product for int8 weights and fp32 inputs (x: [pairs][R][2]), before the outputs' scales
+// tile_product for int8 weights (+128) and quantized inputs (x: [quads][R], four bytes a word): integer sums, the
+// offset and the scales still to apply
 template <int R, int T>
-void tile_product(const int8_t* tile, int pairs, const float* x, float acc[][ROW_BLOCK][TILE]) {
-    [[maybe_unused]] const size_t next = size_t(pairs) * 2 * TILE;
-#ifdef __AVX512F__
-    auto widen = [](const int8_t* bytes) {
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))));
-    };
-    tile_product_in_floats<R, T>(pairs, x, acc, [&](int u, int p, __m512& even, __m512& odd) {
-        even = widen(tile + u * next + p * 2 * TILE);
-        odd = widen(tile + u * next + p * 2 * TILE + TILE);
+void tile_product(const uint8_t* tile, int quads, const int32_t* x, int32_t acc[][ROW_BLOCK][TILE]) {
+    [[maybe_unused]] const size_t next = size_t(quads) * 4 * TILE;
+    constexpr int CHAINS = chains<R, T>();
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    ints sums[CHAINS][T][R] = {};
+    over_groups<CHAINS>(quads, [&](int q, int c) {
+        __m512i w[T];
+        for (int u = 0; u < T; ++u) w[u] = _mm512_loadu_si512(tile + u * next + q * 4 * TILE);
+#pragma GCC unroll 12
+        for (int r = 0; r < R; ++r) {
+            const __m512i in = _mm512_set1_epi32(x[q * R + r]);
+            for (int u = 0; u < T; ++u) {
+#ifdef __AVX512VNNI__  // four products and their sum in one instruction
+                sums[c][u][r] = (ints)_mm512_dpbusd_epi32((__m512i)sums[c][u][r], w[u], in);
+#else
+                sums[c][u][r] += (ints)_mm512_madd_epi16(_mm512_maddubs_epi16(w[u], in), _mm512_set1_epi16(1));
+#endif
+            }
+        }
     });
+    store_sums(sums, acc);
 #elif defined(AVX2_FMA)
     static_assert(T == 1, "AVX2: one tile a step");
-    auto widen = [](const int8_t* bytes) {
-        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));
-    };
-    tile_product_in_halves<R>(pairs, x, acc, [&](int p, int half, __m256& even, __m256& odd) {
-        even = widen(tile + p * 2 * TILE + 8 * half);
-        odd = widen(tile + p * 2 * TILE + TILE + 8 * half);
+    const __m256i ones = _mm256_set1_epi16(1);
+    tile_product_in_halves<R, ints8>(quads, acc, [&](int q, int half) {
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + (q * TILE + 8 * half) * 4));
+    }, [&](ints8 sum, __m256i w, int q, int r) {  // pairs of products in 16 bits, then the pairs of pairs in 32
+        return sum + (ints8)_mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(x[q * R + r])), ones);
     });
 #else
-    constexpr int CHAINS = chains<R, T>();
-    floats sums[CHAINS][T][R] = {};
-    over_pairs<CHAINS>(pairs, [&](int p, int c) {
+    ints sums[CHAINS][T][R] = {};
+    over_groups<CHAINS>(quads, [&](int q, int c) {
         for (int u = 0; u < T; ++u) {
-            int8s even_bytes, odd_bytes;
-            std::memcpy(&even_bytes, tile + u * next + p * 2 * TILE, TILE);
-            std::memcpy(&odd_bytes, tile + u * next + p * 2 * TILE + TILE, TILE);
-            const floats even = __builtin_convertvector(even_bytes, floats);
-            const floats odd = __builtin_convertvector(odd_bytes, floats);
-            for (int r = 0; r < R; ++r)
-                sums[c][u][r] += x[(p * R + r) * 2] * even + x[(p * R + r) * 2 + 1] * odd;
+            const uint8_t* w = tile + u * next + q * 4 * TILE;
+            ints column[4];  // the quad's input j, for each output
+            for (int j = 0; j < 4; ++j)
+                for (int o = 0; o < TILE; ++o) column[j][o] = w[4 * o + j];
+            for (int r = 0; r < R; ++r) {
+                int8_t in[4];
+                std::memcpy(in, &x[q * R + r], 4);
+                sums[c][u][r] += column[0] * in[0] + column[1] * in[1] + column[2] * in[2] + column[3] * in[3];
+            }
         }
     });
     store_sums(sums, acc);
 #endif
 }
 
-template <int R, int T, class Weight, class Word>
-void tile_product_rows(int rows, const Weight* tile, int pairs, const Word* x, float acc[][ROW_BLOCK][TILE]) {
+template <int R, int T, class Weight, class Word, class Acc>
+void tile_product_rows(int rows, const Weight* tile, int groups, const Word* x, Acc acc[][ROW_BLOCK][TILE]) {
     if constexpr (R > 1) {
-        if (rows < R) return tile_product_rows<R - 1, T>(rows, tile, pairs, x, acc);
+        if (rows < R) return tile_product_rows<R - 1, T>(rows, tile, groups, x, acc);
     }
-    tile_product<R, T>(tile, pairs, x, acc);
+    tile_product<R, T>(tile, groups, x, acc);
 }
 
 struct Workspace {
     std::vector<float> normed, qkv, attended, inner;
-    std::vector<InputWord> input;      // for bf16 weights
-    std::vector<float> input_floats;  // for int8 weights
+    std::vector<InputWord> pairs;  // the inputs of bf16 weights
+    QuantizedRows quantized;       // of int8 ones
 };
 
 // y[r] = activation(x[r] @ W + bias) (+ y[r] when accumulate: the residual). x: [rows][ldx] fp32 with ldx even and
-// x[r][in] = 0 when `in` is odd. Weight and Word: uint32_t and InputWord (bf16 weights) or int8_t and float.
-template <class Weight, class Word>
-void linear(const Linear& layer, int rows, const float* x, int ldx, std::vector<Word>& input, float* y, int ldy,
-            int activation, bool accumulate, int threads) {
-    constexpr int per_row = std::is_same_v<Word, float> ? 2 : 1;
-    constexpr size_t values_a_pair = std::is_same_v<Weight, int8_t> ? 2 * TILE : TILE;
-    const int pairs = layer.pairs(), tiles = layer.tiles();
-    interleave(rows, pairs, x, ldx, input);
+// x[r][in] = 0 when `in` is odd. Weight: uint32_t (bf16 pairs) or uint8_t (int8).
+template <class Weight>
+void linear(const Linear& layer, int rows, const float* x, int ldx, Workspace& ws, float* y, int ldy, int activation,
+            bool accumulate, int threads) {
+    constexpr bool INT8 = std::is_same_v<Weight, uint8_t>;
+    using Sum = std::conditional_t<INT8, int32_t, float>;
+    const int groups = INT8 ? layer.quads() : layer.pairs(), tiles = layer.tiles();
+    const size_t words_a_row = INT8 ? groups : size_t(groups) * WORDS_A_PAIR;
+    const auto* input = [&] {
+        if constexpr (INT8) {
+            quantize_rows(rows, layer.in, groups, x, ldx, ws.quantized);
+            return ws.quantized.quads.data();
+        } else {
+            interleave_pairs(rows, groups, x, ldx, ws.pairs);
+            return ws.pairs.data();
+        }
+    }();
+    const QuantizedRows& quantized = ws.quantized;
+    const size_t tile_size = size_t(groups) * TILE * (INT8 ? 4 : 1);  // in Weights
     const int steps = (tiles + TILES_PER_STEP - 1) / TILES_PER_STEP;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int step = 0; step < steps; ++step) {
-        float acc[TILES_PER_STEP][ROW_BLOCK][TILE];
+        Sum acc[TILES_PER_STEP][ROW_BLOCK][TILE];
         const int t0 = step * TILES_PER_STEP, count = std::min(TILES_PER_STEP, tiles - t0);
-        const Weight* tile = static_cast<const Weight*>(layer.packed) + size_t(t0) * pairs * values_a_pair;
+        const Weight* tile = static_cast<const Weight*>(layer.packed) + t0 * tile_size;
         for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
             const int block = std::min(ROW_BLOCK, rows - r0);
-            const Word* in = input.data() + size_t(r0) * pairs * per_row;
+            const auto* in = input + r0 * words_a_row;
             if (count == TILES_PER_STEP)
-                tile_product_rows<ROW_BLOCK, TILES_PER_STEP>(block, tile, pairs, in, acc);
+                tile_product_rows<ROW_BLOCK, TILES_PER_STEP>(block, tile, groups, in, acc);
             else
-                tile_product_rows<ROW_BLOCK, 1>(block, tile, pairs, in, acc);
+                tile_product_rows<ROW_BLOCK, 1>(block, tile, groups, in, acc);
             for (int u = 0; u < count; ++u) {
                 const int first = (t0 + u) * TILE, width = std::min(TILE, layer.out - first);
-                if (layer.scale)
-                    for (int r = 0; r < block; ++r)
-                        for (int j = 0; j < width; ++j) acc[u][r][j] *= layer.scale[first + j];
-                if (layer.bias)
-                    for (int r = 0; r < block; ++r)
-                        for (int j = 0; j < width; ++j) acc[u][r][j] += layer.bias[first + j];
-                if (activation >= 0) activate(&acc[u][0][0], block * TILE, activation);
                 for (int r = 0; r < block; ++r) {
+                    float result[TILE];
+                    for (int j = 0; j < width; ++j) {
+                        if constexpr (INT8)
+                            result[j] = float(acc[u][r][j] - quantized.offset[r0 + r]) *
+                                        (quantized.scale[r0 + r] * layer.scale[first + j]);
+                        else
+                            result[j] = acc[u][r][j];
+                        if (layer.bias) result[j] += layer.bias[first + j];
+                    }
+                    if (activation >= 0) activate(result, width, activation);
                     float* out = y + size_t(r0 + r) * ldy + first;
                     if (accumulate)
-                        for (int j = 0; j < width; ++j) out[j] += acc[u][r][j];
+                        for (int j = 0; j < width; ++j) out[j] += result[j];
                     else
-                        std::memcpy(out, acc[u][r], sizeof(float) * width);
+                        std::memcpy(out, result, sizeof(float) * width);
                 }
             }
         }
@@ -362,9 +438,9 @@ void linear(const Linear& layer, int rows, const float* x, int ldx, std::vector<
 void linear(const Linear& layer, int rows, const float* x, int ldx, Workspace& ws, float* y, int ldy, int activation,
             bool accumulate, int threads) {
     if (layer.scale)
-        linear<int8_t>(layer, rows, x, ldx, ws.input_floats, y, ldy, activation, accumulate, threads);
+        linear<uint8_t>(layer, rows, x, ldx, ws, y, ldy, activation, accumulate, threads);
     else
-        linear<uint32_t>(layer, rows, x, ldx, ws.input, y, ldy, activation, accumulate, threads);
+        linear<uint32_t>(layer, rows, x, ldx, ws, y, ldy, activation, accumulate, threads);
 }
 
 // out[r] = layer_norm(x[r]) over n features; out's rows are ldo apart (ldo >= n, the padding zeroed)

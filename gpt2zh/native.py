@@ -1,6 +1,7 @@
 """The whole sampling step in C++ (decode_step.cpp): compiled once per machine with its own instruction set, loaded
-with ctypes, one call a step. A candidate of the sampling-kernel trial ("bf16-cpp"); where no C++ compiler with
-OpenMP works, the trial leaves it out and asking for it says why."""
+with ctypes, one call a step. Two candidates of the sampling-kernel trial: "bf16-cpp" and "int8-cpp" (int8 weights,
+and each linear layer's inputs quantized as it runs); where no C++ compiler with OpenMP works, the trial leaves them
+out and asking for one says why."""
 import ctypes
 
 import torch
@@ -41,34 +42,37 @@ def packed_linear(layer, weights):
     return [pack(weight), None, bias]
 
 
-def padded_pairs(weight, dtype):
-    """weight [in, out] in `dtype`, zero-padded to an even number of inputs and whole tiles of 16 outputs, viewed as
-    [input pairs, 2, tiles, 16]."""
+def padded(weight, dtype, inputs_a_group):
+    """weight [in, out] in `dtype`, zero-padded to whole groups of inputs and whole tiles of 16 outputs, viewed as
+    [input groups, inputs_a_group, tiles, 16]."""
     inputs, outputs = weight.shape
-    pairs, tiles = (inputs + 1) // 2, (outputs + 15) // 16
-    padded = torch.zeros(2 * pairs, 16 * tiles, dtype=dtype)
-    padded[:inputs, :outputs] = weight
-    return padded.view(pairs, 2, tiles, 16)
+    groups, tiles = -(-inputs // inputs_a_group), -(-outputs // 16)
+    result = torch.zeros(groups * inputs_a_group, 16 * tiles, dtype=dtype)
+    result[:inputs, :outputs] = weight
+    return result.view(groups, inputs_a_group, tiles, 16)
 
 
 def pack(weight):
     """A weight [in, out] as decode_step.cpp reads bf16 ones: [tiles of 16 outputs, input pairs, 16, 2]."""
-    return padded_pairs(weight.to(torch.bfloat16), torch.bfloat16).permute(2, 0, 3, 1).contiguous()  # [T, P, 16, 2]
+    return padded(weight.to(torch.bfloat16), torch.bfloat16, 2).permute(2, 0, 3, 1).contiguous()  # [T, P, 16, 2]
+
+
+INT8_OFFSET = 128  # decode_step.cpp's WEIGHT_OFFSET: int8 weights packed as unsigned bytes
 
 
 def pack_int8(weight):
     """A weight [in, out] as decode_step.cpp reads int8 ones, and the scale of each output (its largest magnitude
-    maps to 127: weight ~ int8 * scale): [tiles of 16 outputs, input pairs, 2, 16] int8, [out] fp32."""
+    maps to 127: weight ~ int8 * scale): [tiles of 16 outputs, input quads, 16, 4] uint8 (int8 + 128), [out] fp32."""
     weight = weight.float()
     scale = weight.abs().amax(dim=0) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero output stays zero
-    quantized = torch.round(weight / scale).clamp(-127, 127).to(torch.int8)
-    return padded_pairs(quantized, torch.int8).permute(2, 0, 1, 3).contiguous(), scale  # [T, P, 2, 16]
+    quantized = padded(torch.round(weight / scale).clamp(-127, 127).to(torch.int16), torch.int16, 4)  # padding: 0
+    return (quantized + INT8_OFFSET).to(torch.uint8).permute(2, 0, 3, 1).contiguous(), scale  # [T, Q, 16, 4]
 
 
 class NativeDecodeStep:
-    """DecodeStep's step (the same arguments and result) by decode_step.cpp: the residual stream, layer norms,
-    softmax and sums in fp32, a bf16 cache, bf16 copies of the weights packed for streaming."""
+    """DecodeStep's step (the same arguments and result) by decode_step.cpp: the residual stream, layer norms and
+    softmax in fp32, a bf16 cache, bf16 or int8 copies of the weights packed for streaming."""
 
     def __init__(self, model, kernel):
         if not supports(model):
