@@ -218,8 +218,9 @@ template <int R, int T, int CHAINS, class Sum, class Acc>
 void store_sums(Sum (&sums)[CHAINS][T][R], Acc acc[][ROW_BLOCK][TILE]) {
     for (int u = 0; u < T; ++u)
         for (int r = 0; r < R; ++r) {
-            for (int c = 1; c < CHAINS; ++c) sums[0][u][r] += sums[c][u][r];
-            std::memcpy(acc[u][r], &sums[0][u][r], sizeof(acc[u][r]));
+            Sum total = sums[0][u][r];  // a copy: the sums' own address taken keeps them in memory
+            for (int c = 1; c < CHAINS; ++c) total += sums[c][u][r];
+            std::memcpy(acc[u][r], &total, sizeof(acc[u][r]));
         }
 }
 
@@ -239,13 +240,15 @@ void tile_product_in_halves(int groups, Acc acc[][ROW_BLOCK][TILE], HalfWeights 
         over_groups<CHAINS>(groups, [&](int g, int c) {
             for (int h = 0; h < HALVES; ++h) {
                 const auto weights = half_weights(g, pass * HALVES + h);
+#pragma GCC unroll 12  // the sums stay in registers only if every row's code is laid out
                 for (int r = 0; r < R; ++r) sums[c][r][h] = add(sums[c][r][h], weights, g, r);
             }
         });
         for (int r = 0; r < R; ++r)
             for (int h = 0; h < HALVES; ++h) {
-                for (int c = 1; c < CHAINS; ++c) sums[0][r][h] += sums[c][r][h];
-                std::memcpy(acc[0][r] + 8 * (pass * HALVES + h), &sums[0][r][h], sizeof(sums[0][r][h]));
+                Sum total = sums[0][r][h];  // a copy, as in store_sums
+                for (int c = 1; c < CHAINS; ++c) total += sums[c][r][h];
+                std::memcpy(acc[0][r] + 8 * (pass * HALVES + h), &total, sizeof(total));
             }
     }
 }
