@@ -342,11 +342,16 @@ void tile_product(const uint8_t* tile, int quads, const int32_t* x, int32_t acc[
     store_sums(sums, acc);
 #elif defined(AVX2_FMA)
     static_assert(T == 1, "AVX2: one tile a step");
-    const __m256i ones = _mm256_set1_epi16(1);
+    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
     tile_product_in_halves<R, ints8>(quads, acc, [&](int q, int half) {
         return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + (q * TILE + 8 * half) * 4));
-    }, [&](ints8 sum, __m256i w, int q, int r) {  // pairs of products in 16 bits, then the pairs of pairs in 32
-        return sum + (ints8)_mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(x[q * R + r])), ones);
+    }, [&](ints8 sum, __m256i w, int q, int r) {
+        const __m256i in = _mm256_set1_epi32(x[q * R + r]);
+#ifdef __AVXVNNI__  // Alder Lake and later Intel cores, Zen 5: the four products and their sum in one instruction
+        return (ints8)_mm256_dpbusd_avx_epi32((__m256i)sum, w, in);
+#else  // pairs of products in 16 bits, then the pairs of pairs in 32
+        return sum + (ints8)_mm256_madd_epi16(_mm256_maddubs_epi16(w, in), ones);
+#endif
     });
 #else
     ints sums[CHAINS][T][R] = {};
