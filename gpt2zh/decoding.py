@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from . import kernel_trials, native
+from . import kernel_trials, native, native_build
 from .devices import bf16_supported
 from .errors import UserError
 from .model import attention_scale, context_length, weight_out_in
@@ -306,11 +306,13 @@ def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=3, say=print):
 def choose_kernel(model, rows, keys, forced="auto", say=print):
     """The sampling kernel `forced` names, or with "auto" the fastest on this machine: measured once on the
     model's shapes (`rows` samples, a cache of `keys` tokens; set-up costs spread over a window of n_ctx steps) and
-    remembered (kernel_trials)."""
+    remembered (kernel_trials) until the C++ step's code changes."""
     candidates = kernel_candidates(model)
     config, weights = model.config, next(model.parameters())
     shape = (f"{config.n_layer} layers x {config.n_embd} x {config.n_head} heads, vocab {config.vocab_size}, "
              f"{weights.dtype} | {rows} rows, {keys} cached tokens")
+    if any(kernel.attention == "cpp" for kernel in candidates.values()):  # measured again when the C++ code changes
+        shape += f" | decode_step.cpp {native_build.source_version()}"
     chosen = kernel_trials.choose("sampling kernel", "--sampling_kernel", forced, candidates, shape,
                                   lambda: measure_kernels(model, rows, keys, context_length(config), say=say),
                                   "a step", say)

@@ -113,6 +113,11 @@ def settle(future):
         future.set_exception(error)
 
 
+def source_version():
+    """A short digest of decode_step.cpp: the kernel trial's timings of other code are not this code's."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+
+
 def build_and_load():
     """decode_step.cpp built for this machine and loaded. Cached beside the kernel choices under a key of the source,
     the compiler and the instruction sets it targets, with a note of those instruction sets: a build whose note names

@@ -139,6 +139,11 @@ def test_every_sampling_kernel_gives_the_logits_of_a_full_forward_pass(tmp_path,
     assert f"measured now: {chosen} " in said[0]  # fastest first
     assert choose_kernel(copy.deepcopy(reference_model).to(torch.bfloat16), 2, 16, say=said.append).name == chosen
     assert "remembered in" in said[1]
+    from gpt2zh import native_build
+
+    monkeypatch.setattr(native_build, "source_version", lambda: "a-newer-one")  # an update of the C++ step
+    choose_kernel(model, 2, 16, say=said.append)
+    assert "measured now" in said[2]
     assert choose_kernel(model, 2, 16, "fp32-sdpa+fp16", say=said.append).name == "fp32-sdpa+fp16"
     from gpt2zh.errors import UserError
 
