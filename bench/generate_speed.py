@@ -34,15 +34,18 @@ from gpt2zh.model import build_model, count_parameters, load_config  # noqa: E40
 from gpt2zh.sampling import make_logits_processors, sample  # noqa: E402
 
 
-def roofline(model, rows, prefix, length, weight_bytes=2):
-    """(bytes, FLOPs) a run needs at least: bf16 weights (weight_bytes 1: int8) read each step (the position table
-    and the embedding lookups aside: the tied output layer reads the token table whole) and a bf16 KV cache of the
-    tokens so far; two FLOPs per weight and row, four per cached key or value element and row."""
+def roofline(model, rows, prefix, length, int8=False):
+    """(bytes, FLOPs) a run needs at least: bf16 weights read each step (the position table and the embedding
+    lookups aside: the tied output layer reads the token table whole) and a bf16 KV cache of the tokens so far, or
+    with `int8` the int8-cpp kernel's bytes (a byte a weight; a byte a cached element and an fp32 scale a head's
+    vector); two FLOPs per weight and row, four per cached key or value element and row."""
     config = model.config
     weights = count_parameters(model) - config.n_positions * config.n_embd
     cached = sum(min(prefix + step, config.n_ctx) for step in range(length))
     cache_elements = rows * config.n_layer * 2 * config.n_embd * cached  # keys and values
-    return length * weight_bytes * weights + 2 * cache_elements, length * 2 * rows * weights + 2 * cache_elements
+    weight_bytes, cache_bytes = (1, 1 + 4 / (config.n_embd // config.n_head)) if int8 else (2, 2)
+    return (length * weight_bytes * weights + cache_bytes * cache_elements,
+            length * 2 * rows * weights + 2 * cache_elements)
 
 
 def own_weights_bandwidth(step, model, repeats=3):
@@ -103,7 +106,7 @@ def main():
         step = decode_step(model, kernel_candidates(model)[chosen], rows)
         if chosen.endswith("-cpp"):
             print(f"  {chosen}: {native.arithmetic()}")
-        needed, flops = roofline(model, rows, len(prefix), args.length, 1 if chosen == "int8-cpp" else 2)
+        needed, flops = roofline(model, rows, len(prefix), args.length, int8=chosen == "int8-cpp")
         # x.sum() over a fresh 1 GiB reads ~33 GB/s on this VM most of the time and 55-65 GB/s at other moments (which
         # a C++ streaming loop run at the same moment mostly does not see); the bytes the step itself streams, its
         # weights, read at a speed fixed by where they landed. So the bandwidth is read three ways, before, between

@@ -6,7 +6,7 @@ seed config (82M, random weights saved as a model folder once), against the memo
 - time to the first generated character on the screen (1 row);
 - the roofline: the bytes the decode steps must read at least (bf16 weights + bf16 cache, generate_speed.py's
   count) over the read bandwidth (x.sum() over 1 GiB, the median of readings around the runs); and the same with
-  int8 weights (the int8-cpp kernel's bytes), beside it.
+  int8 weights and cache (the int8-cpp kernel's bytes), beside it.
 Run from the project root: python bench/generate_wall.py [--repeats 2]
 """
 import argparse
@@ -78,12 +78,12 @@ def main():
         readings.append(read_bandwidth(repeats=3))
         needed, _ = roofline(model, rows, 8, args.length)
         limit = needed / median(readings)
-        int8_limit = roofline(model, rows, 8, args.length, weight_bytes=1)[0] / median(readings)
+        int8_limit = roofline(model, rows, 8, args.length, int8=True)[0] / median(readings)
         walls = [wall for wall, _ in remembered]
         print(f"{rows} x {args.length}: first run {first_run[0]:.1f} s, remembered " + ", ".join(
             f"{wall:.1f}" for wall in walls) + f" s; roofline {limit:.1f} s ({needed / 1e9:.0f} GB at "
             f"{median(readings) / 1e9:.0f} GB/s): remembered {min(walls) / limit:.2f}x, first run "
-            f"{first_run[0] / limit:.2f}x the roofline (with int8 weights, {int8_limit:.1f} s: "
+            f"{first_run[0] / limit:.2f}x the roofline (with int8 weights and cache, {int8_limit:.1f} s: "
             f"{min(walls) / int8_limit:.2f}x, {first_run[0] / int8_limit:.2f}x)")
         if rows == 1:
             firsts = [first for _, first in [first_run, *remembered] if first is not None]

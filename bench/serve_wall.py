@@ -87,7 +87,7 @@ def main():
     model = seed_model_folder(work / "models" / "seed_model")
     bandwidth = read_bandwidth(repeats=3)
     limit = roofline(model, 1, 8, LENGTH)[0] / bandwidth
-    int8_limit = roofline(model, 1, 8, LENGTH, weight_bytes=1)[0] / bandwidth
+    int8_limit = roofline(model, 1, 8, LENGTH, int8=True)[0] / bandwidth
     port = free_port()
     server, ready = start_server(work / "models", port, work / "cache")
     try:
@@ -99,7 +99,7 @@ def main():
                 print(f"{path}, {attempt}: first character {first:.2f} s after the request, {characters} characters "
                       f"at {characters / rest:.0f} a second; {total:.1f} s in all, {total / limit:.2f}x the roofline "
                       f"of 1 x {LENGTH} ({limit:.1f} s at {bandwidth / 1e9:.0f} GB/s; {total / int8_limit:.2f}x the "
-                      f"{int8_limit:.1f} s of int8 weights)")
+                      f"{int8_limit:.1f} s of int8 weights and cache)")
     finally:
         server.terminate()
         server.wait()

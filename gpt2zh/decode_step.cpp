@@ -11,7 +11,8 @@
 // outputs][4 inputs]: each linear layer's input rows are quantized too (to 7 bits, a scale per row), and the
 // products are summed in integers — AVX2's and AVX-512's multiply-adds of bytes do four times the work of an fp32
 // multiply-add in a vector, where ten rows make the step compute-bound. The residual stream, layer norms, softmax
-// and the sums of bf16 products are fp32; the cache is bf16 [rows, heads, capacity, head_dim].
+// and the sums of bf16 products are fp32; the cache [rows, heads, capacity, head_dim] is bf16, or int8 with a scale
+// for each position of each head.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -175,24 +176,25 @@ struct QuantizedRows {
     std::vector<int32_t> offset;
 };
 
+// x[0..n) rounded to -levels..levels, its largest magnitude to `levels` (to even, as torch.round; native.py's
+// quantized): returns what a level is worth
+inline float quantize(const float* x, int n, float levels, int8_t* out) {
+    constexpr float ROUNDING = 12582912.0f;  // adding 1.5 * 2^23 rounds a float to a whole number, in vectors
+    const float top = largest_of(n, [&](int i) { return std::fabs(x[i]); });
+    const float times = top > 0.0f ? levels / top : 0.0f;
+    for (int i = 0; i < n; ++i) out[i] = int8_t(std::clamp((x[i] * times + ROUNDING) - ROUNDING, -levels, levels));
+    return top / levels;
+}
+
 void quantize_rows(int rows, int in, int quads, const float* x, int ldx, QuantizedRows& q) {
-    // adding 1.5 * 2^23 rounds a float to a whole number (to even, as torch.round does), in vectors
-    constexpr float ROUNDING = 12582912.0f, LEVELS = INPUT_LEVELS;
     q.bytes.assign(size_t(rows) * 4 * quads, 0);  // past `in`: zeros
     q.scale.resize(rows);
     q.offset.resize(rows);
     for (int r = 0; r < rows; ++r) {
-        const float* row = x + size_t(r) * ldx;
-        const float top = largest_of(in, [&](int i) { return std::fabs(row[i]); });
-        const float times = top > 0.0f ? INPUT_LEVELS / top : 0.0f;
         int8_t* bytes = q.bytes.data() + size_t(r) * 4 * quads;
+        q.scale[r] = quantize(x + size_t(r) * ldx, in, INPUT_LEVELS, bytes);
         int sum = 0;
-        for (int i = 0; i < in; ++i) {
-            const float level = std::clamp((row[i] * times + ROUNDING) - ROUNDING, -LEVELS, LEVELS);
-            bytes[i] = int8_t(level);
-            sum += int(level);
-        }
-        q.scale[r] = top / INPUT_LEVELS;
+        for (int i = 0; i < in; ++i) sum += bytes[i];
         q.offset[r] = WEIGHT_OFFSET * sum;
     }
     interleave<1>(rows, quads, q.quads, [&](int r, int g, int32_t* word) {
@@ -495,12 +497,60 @@ inline floats lanes_sums(floats a, floats b, floats c, floats d) {
            PICK(halves, halves, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7);
 }
 
-inline void load_pairs(const uint16_t* p, floats& even, floats& odd) {  // 32 bf16 values: the even and odd ones
-    words w;
-    std::memcpy(&w, p, sizeof(w));
-    even = (floats)(w << 16);
-    odd = (floats)(w & 0xffff0000u);
-}
+// A layer's cache: keys and values [rows * heads][capacity][dim], bf16 (uint16_t) or int8 with a scale for each
+// position of each head ([rows * heads][capacity], its largest magnitude at 127: native.py's QuantizedLayer; half
+// the bytes the attention reads, the held-out loss unchanged).
+constexpr float CACHE_LEVELS = 127.0f;
+
+template <class Element>
+constexpr bool SCALED = std::is_same_v<Element, int8_t>;
+
+inline float to_float(uint16_t bf16) { return bf16_to_float(bf16); }
+inline float to_float(int8_t level) { return float(level); }
+
+// Which of a chunk's 2 * LANES dims lane j of its vector `half` holds, as the loads below split them: bf16 into the
+// even and the odd dims (a mask and a shift: a third fewer operations than widening them in order), int8 in order.
+template <class Element, int LANES>
+constexpr int lane_dim(int half, int j) { return SCALED<Element> ? LANES * half + j : 2 * j + half; }
+
+template <class Element>
+struct Head {  // one row's one head: its keys and values [position][dim], and their scales (int8)
+    const Element *keys, *values;
+    const float *key_scales, *value_scales;
+    float key_scale(int t) const {
+        if constexpr (SCALED<Element>) return key_scales[t];
+        return 1.0f;
+    }
+    float value_scale(int t) const {
+        if constexpr (SCALED<Element>) return value_scales[t];
+        return 1.0f;
+    }
+};
+
+template <class Element>
+struct LayerCache {
+    Element *keys, *values;
+    float *key_scales, *value_scales;  // null for bf16
+    int capacity, dim;
+
+    Head<Element> head(int rh) const {
+        const size_t at = size_t(rh) * capacity;
+        if constexpr (SCALED<Element>) return {keys + at * dim, values + at * dim, key_scales + at, value_scales + at};
+        return {keys + at * dim, values + at * dim, nullptr, nullptr};
+    }
+    void write(int rh, int t, const float* key, const float* value) {
+        const size_t at = size_t(rh) * capacity + t;
+        if constexpr (SCALED<Element>) {
+            key_scales[at] = quantize(key, dim, CACHE_LEVELS, keys + at * dim);
+            value_scales[at] = quantize(value, dim, CACHE_LEVELS, values + at * dim);
+        } else {
+            for (int d = 0; d < dim; ++d) {
+                keys[at * dim + d] = to_bf16(key[d]);
+                values[at * dim + d] = to_bf16(value[d]);
+            }
+        }
+    }
+};
 
 // A block of n scores made weights of the running softmax: exp(score - top), `top` the maximum so far and `total`
 // the sum so far, both updated. Returns the factor the sums of earlier blocks must be multiplied by (1 unless this
@@ -529,22 +579,25 @@ inline __m256 sums_of_eight(const __m256* v) {  // lane i: the sum of v[i]'s 8 l
     return _mm256_add_ps(_mm256_permute2f128_ps(abcd, efgh, 0x20), _mm256_permute2f128_ps(abcd, efgh, 0x31));
 }
 
-inline void load_pairs8(const uint16_t* p, __m256& even, __m256& odd) {  // 16 bf16 values: the even and odd ones
+inline void load16(const uint16_t* p, __m256& even, __m256& odd) {  // 16 bf16 values
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
     odd = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xffff0000u))));
 }
 
-template <int PAIRS>
-void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int length, float scale, float* out) {
+inline void load16(const int8_t* p, __m256& low, __m256& high) {  // 16 int8 values, each half widened as it loads
+    low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+}
+
+template <int PAIRS, class Element>
+void attend_in_vectors(const float* q, Head<Element> head, int length, float scale, float* out) {
     constexpr int dim = 32 * PAIRS, CHUNKS = 2 * PAIRS, BLOCK = 64;  // chunks of 16 dims
-    __m256 query[CHUNKS][2];  // [16 dims][even, odd]
+    __m256 query[CHUNKS][2];  // [16 dims][the halves load16 splits them into]
     for (int c = 0; c < CHUNKS; ++c) {
         alignas(32) float halves[2][8];
-        for (int j = 0; j < 8; ++j) {
-            halves[0][j] = q[16 * c + 2 * j] * scale;
-            halves[1][j] = q[16 * c + 2 * j + 1] * scale;
-        }
+        for (int half = 0; half < 2; ++half)
+            for (int j = 0; j < 8; ++j) halves[half][j] = q[16 * c + lane_dim<Element, 8>(half, j)] * scale;
         query[c][0] = _mm256_load_ps(halves[0]);
         query[c][1] = _mm256_load_ps(halves[1]);
     }
@@ -559,29 +612,30 @@ void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int
             for (int i = 0; i < 8; ++i) {
                 dots[i] = _mm256_setzero_ps();
                 if (t + i >= n) continue;
-                const uint16_t* key = k + size_t(start + t + i) * dim;
-                __m256 other = _mm256_setzero_ps(), even, odd;
+                const Element* key = head.keys + size_t(start + t + i) * dim;
+                __m256 other = _mm256_setzero_ps(), first, second;
                 for (int c = 0; c < CHUNKS; ++c) {
-                    load_pairs8(key + 16 * c, even, odd);
-                    dots[i] = _mm256_fmadd_ps(query[c][0], even, dots[i]);
-                    other = _mm256_fmadd_ps(query[c][1], odd, other);
+                    load16(key + 16 * c, first, second);
+                    dots[i] = _mm256_fmadd_ps(query[c][0], first, dots[i]);
+                    other = _mm256_fmadd_ps(query[c][1], second, other);
                 }
                 dots[i] = _mm256_add_ps(dots[i], other);
             }
             _mm256_store_ps(weights + t, sums_of_eight(dots));  // weights has room for a whole last 8
         }
+        for (int t = 0; t < n; ++t) weights[t] *= head.key_scale(start + t);
         const float shrink = softmax_block(weights, n, top, total);
         if (shrink != 1.0f)
             for (auto& chunk : sums)
                 for (auto& half : chunk) half = _mm256_mul_ps(half, _mm256_set1_ps(shrink));
         for (int t = 0; t < n; ++t) {
-            const __m256 weight = _mm256_set1_ps(weights[t]);
-            const uint16_t* value = v + size_t(start + t) * dim;
-            __m256 even, odd;
+            const __m256 weight = _mm256_set1_ps(weights[t] * head.value_scale(start + t));
+            const Element* value = head.values + size_t(start + t) * dim;
+            __m256 first, second;
             for (int c = 0; c < CHUNKS; ++c) {
-                load_pairs8(value + 16 * c, even, odd);
-                sums[c][0] = _mm256_fmadd_ps(weight, even, sums[c][0]);
-                sums[c][1] = _mm256_fmadd_ps(weight, odd, sums[c][1]);
+                load16(value + 16 * c, first, second);
+                sums[c][0] = _mm256_fmadd_ps(weight, first, sums[c][0]);
+                sums[c][1] = _mm256_fmadd_ps(weight, second, sums[c][1]);
             }
         }
     }
@@ -589,43 +643,55 @@ void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int
         alignas(32) float halves[2][8];
         _mm256_store_ps(halves[0], sums[c][0]);
         _mm256_store_ps(halves[1], sums[c][1]);
-        for (int j = 0; j < 8; ++j) {
-            out[16 * c + 2 * j] = halves[0][j] / total;
-            out[16 * c + 2 * j + 1] = halves[1][j] / total;
-        }
+        for (int half = 0; half < 2; ++half)
+            for (int j = 0; j < 8; ++j) out[16 * c + lane_dim<Element, 8>(half, j)] = halves[half][j] / total;
     }
 }
 #else
-// One query over `length` keys and values (bf16 rows of 32 * PAIRS), in whole vectors kept in registers. The
-// cache's bf16 values become floats two vectors at a time, the even and the odd ones of 32 (a mask and a shift:
-// a third fewer operations than widening them in order), with the query split the same way. One pass, a block of
-// keys then the same block of values, with the softmax's running maximum (the sums so far rescaled when it grows):
-// the keys and values stream side by side, where two passes read each alone.
-template <int PAIRS>
-void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int length, float scale, float* out) {
+inline void load32(const uint16_t* p, floats& even, floats& odd) {  // 32 bf16 values
+    words w;
+    std::memcpy(&w, p, sizeof(w));
+    even = (floats)(w << 16);
+    odd = (floats)(w & 0xffff0000u);
+}
+
+typedef int8_t bytes16 __attribute__((vector_size(16)));
+
+inline void load32(const int8_t* p, floats& low, floats& high) {  // 32 int8 values
+    bytes16 first, second;
+    std::memcpy(&first, p, sizeof(first));
+    std::memcpy(&second, p + 16, sizeof(second));
+    low = __builtin_convertvector(first, floats);
+    high = __builtin_convertvector(second, floats);
+}
+
+// One query over `length` keys and values (rows of 32 * PAIRS), in whole vectors kept in registers, 32 dims at a
+// time split in two as load32 splits them, the query the same way. One pass, a block of keys then the same block of
+// values, with the softmax's running maximum (the sums so far rescaled when it grows): the keys and values stream
+// side by side, where two passes read each alone.
+template <int PAIRS, class Element>
+void attend_in_vectors(const float* q, Head<Element> head, int length, float scale, float* out) {
     constexpr int dim = 32 * PAIRS, BLOCK = 64;
-    floats query[PAIRS][2];  // [32 dims][even, odd]
+    floats query[PAIRS][2];  // [32 dims][the halves load32 splits them into]
     for (int c = 0; c < PAIRS; ++c)
-        for (int j = 0; j < 16; ++j) {
-            query[c][0][j] = q[32 * c + 2 * j] * scale;
-            query[c][1][j] = q[32 * c + 2 * j + 1] * scale;
-        }
+        for (int half = 0; half < 2; ++half)
+            for (int j = 0; j < 16; ++j) query[c][half][j] = q[32 * c + lane_dim<Element, 16>(half, j)] * scale;
     auto dot = [&](int t) {  // query . key t, still in 16 lanes
-        floats even_sum = {}, odd_sum = {}, even, odd;
+        floats first_sum = {}, second_sum = {}, first, second;
         for (int c = 0; c < PAIRS; ++c) {
-            load_pairs(k + size_t(t) * dim + 32 * c, even, odd);
-            even_sum += query[c][0] * even;
-            odd_sum += query[c][1] * odd;
+            load32(head.keys + size_t(t) * dim + 32 * c, first, second);
+            first_sum += query[c][0] * first;
+            second_sum += query[c][1] * second;
         }
-        return even_sum + odd_sum;
+        return first_sum + second_sum;
     };
     floats sums[2][PAIRS][2] = {};  // two positions at a time: the adds of one do not wait on the other's
     auto add_value = [&](int t, int u, float weight) {
-        floats even, odd;
+        floats first, second;
         for (int c = 0; c < PAIRS; ++c) {
-            load_pairs(v + size_t(t) * dim + 32 * c, even, odd);
-            sums[u][c][0] += weight * even;
-            sums[u][c][1] += weight * odd;
+            load32(head.values + size_t(t) * dim + 32 * c, first, second);
+            sums[u][c][0] += weight * first;
+            sums[u][c][1] += weight * second;
         }
     };
     float top = -INFINITY, total = 0.0f, weights[BLOCK];
@@ -637,70 +703,74 @@ void attend_in_vectors(const float* q, const uint16_t* k, const uint16_t* v, int
             std::memcpy(weights + t, &block, 4 * sizeof(float));
         }
         for (; t < n; ++t) weights[t] = lanes_sum(dot(start + t));
+        for (t = 0; t < n; ++t) weights[t] *= head.key_scale(start + t);
         const float shrink = softmax_block(weights, n, top, total);
         if (shrink != 1.0f)
             for (auto& position : sums)
                 for (auto& chunk : position)
                     for (auto& half : chunk) half *= shrink;
         for (t = 0; t + 2 <= n; t += 2) {
-            add_value(start + t, 0, weights[t]);
-            add_value(start + t + 1, 1, weights[t + 1]);
+            add_value(start + t, 0, weights[t] * head.value_scale(start + t));
+            add_value(start + t + 1, 1, weights[t + 1] * head.value_scale(start + t + 1));
         }
-        if (t < n) add_value(start + t, 0, weights[t]);
+        if (t < n) add_value(start + t, 0, weights[t] * head.value_scale(start + t));
     }
     for (int c = 0; c < PAIRS; ++c)
-        for (int j = 0; j < 16; ++j) {
-            out[32 * c + 2 * j] = (sums[0][c][0][j] + sums[1][c][0][j]) / total;
-            out[32 * c + 2 * j + 1] = (sums[0][c][1][j] + sums[1][c][1][j]) / total;
-        }
+        for (int half = 0; half < 2; ++half)
+            for (int j = 0; j < 16; ++j)
+                out[32 * c + lane_dim<Element, 16>(half, j)] = (sums[0][c][half][j] + sums[1][c][half][j]) / total;
 }
 
 #endif
 
-void attend_in_scalars(const float* q, const uint16_t* k, const uint16_t* v, int dim, int length, float scale,
-                       float* out) {
+template <class Element>
+void attend_in_scalars(const float* q, Head<Element> head, int dim, int length, float scale, float* out) {
     thread_local std::vector<float> scores;
     scores.resize(length);
     float top = -INFINITY;
     for (int t = 0; t < length; ++t) {
-        const uint16_t* key = k + size_t(t) * dim;
-        scores[t] = scale * sum_of(dim, [&](int d) { return q[d] * bf16_to_float(key[d]); });
+        const Element* key = head.keys + size_t(t) * dim;
+        scores[t] = scale * head.key_scale(t) * sum_of(dim, [&](int d) { return q[d] * to_float(key[d]); });
         top = std::max(top, scores[t]);
     }
     for (int t = 0; t < length; ++t) scores[t] = exp_approx(scores[t] - top);
     const float total = sum_of(length, [&](int t) { return scores[t]; });
     for (int d = 0; d < dim; ++d) out[d] = 0.0f;
-    for (int t = 0; t < length; ++t)
-        for (int d = 0; d < dim; ++d) out[d] += scores[t] * bf16_to_float(v[size_t(t) * dim + d]);
+    for (int t = 0; t < length; ++t) {
+        const float weight = scores[t] * head.value_scale(t);
+        for (int d = 0; d < dim; ++d) out[d] += weight * to_float(head.values[size_t(t) * dim + d]);
+    }
     for (int d = 0; d < dim; ++d) out[d] /= total;
 }
 
 // Each row's newest query over its `length` cached keys (the newest written here first): attended [rows][lda]
-void attention(int rows, int heads, int dim, int length, int capacity, const float* qkv, uint16_t* keys,
-               uint16_t* values, float scale, float* attended, int lda, int threads) {
-    const int C = heads * dim;
-    for (int r = 0; r < rows; ++r)
-        for (int h = 0; h < heads; ++h) {
-            const size_t at = (size_t(r * heads + h) * capacity + length - 1) * dim;
-            for (int d = 0; d < dim; ++d) {
-                keys[at + d] = to_bf16(qkv[size_t(r) * 3 * C + C + h * dim + d]);
-                values[at + d] = to_bf16(qkv[size_t(r) * 3 * C + 2 * C + h * dim + d]);
-            }
-        }
+template <class Element>
+void attention(int rows, int heads, int length, const float* qkv, LayerCache<Element> cache, float scale,
+               float* attended, int lda, int threads) {
+    const int dim = cache.dim, C = heads * dim;
+    for (int rh = 0; rh < rows * heads; ++rh) {
+        const float* key = qkv + size_t(rh / heads) * 3 * C + C + (rh % heads) * dim;
+        cache.write(rh, length - 1, key, key + C);
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int rh = 0; rh < rows * heads; ++rh) {
         const int r = rh / heads, h = rh % heads;
         const float* q = qkv + size_t(r) * 3 * C + h * dim;
-        const uint16_t* k = keys + size_t(rh) * capacity * dim;
-        const uint16_t* v = values + size_t(rh) * capacity * dim;
+        const Head<Element> head = cache.head(rh);
         float* out = attended + size_t(r) * lda + h * dim;
         switch (dim) {  // the head sizes of GPT-2 configs; any other in scalars
-            case 32: attend_in_vectors<1>(q, k, v, length, scale, out); break;
-            case 64: attend_in_vectors<2>(q, k, v, length, scale, out); break;
-            case 128: attend_in_vectors<4>(q, k, v, length, scale, out); break;
-            default: attend_in_scalars(q, k, v, dim, length, scale, out);
+            case 32: attend_in_vectors<1>(q, head, length, scale, out); break;
+            case 64: attend_in_vectors<2>(q, head, length, scale, out); break;
+            case 128: attend_in_vectors<4>(q, head, length, scale, out); break;
+            default: attend_in_scalars(q, head, dim, length, scale, out);
         }
     }
+}
+
+template <class Element>
+LayerCache<Element> layer_cache(void* const* pointers, int capacity, int dim) {  // keys, values, their scales
+    return {static_cast<Element*>(pointers[0]), static_cast<Element*>(pointers[1]), static_cast<float*>(pointers[2]),
+            static_cast<float*>(pointers[3]), capacity, dim};
 }
 
 }  // namespace
@@ -719,7 +789,8 @@ int gpt2_decode_pair_dot_in_bf16() {
 // params, per layer: ln_1 weight, bias, c_attn packed, scales, bias, attn c_proj packed, scales, bias, ln_2 weight,
 // bias, c_fc packed, scales, bias, mlp c_proj packed, scales, bias; then ln_f weight, bias, the output layer packed,
 // its scales, its bias. Scales null: bf16 weights; bias null: none.
-// caches, per layer: keys, values [rows][heads][capacity][C / heads] bf16, `cached` positions filled.
+// caches, per layer: keys, values [rows][heads][capacity][C / heads] and their scales [rows][heads][capacity]: int8
+// levels with a scale each, or bf16 and the scales null; `cached` positions filled.
 // logits: [rows][vocab].
 void gpt2_decode_step(int rows, int layers, int C, int heads, int inner, int vocab, int cached, int capacity,
                       int threads, int activation, float eps, const float* scales, const void* const* params,
@@ -740,8 +811,13 @@ void gpt2_decode_step(int rows, int layers, int C, int heads, int inner, int voc
         const int p = 16 * l;
         layer_norm(rows, C, hidden, f(p), f(p + 1), eps, ws.normed.data(), ldc);
         linear(w(p + 2, C, 3 * C), rows, ws.normed.data(), ldc, ws, ws.qkv.data(), 3 * C, -1, false, threads);
-        attention(rows, heads, C / heads, cached + 1, capacity, ws.qkv.data(), static_cast<uint16_t*>(caches[2 * l]),
-                  static_cast<uint16_t*>(caches[2 * l + 1]), scales[l], ws.attended.data(), ldc, threads);
+        void* const* cache = caches + 4 * l;
+        if (cache[2])
+            attention(rows, heads, cached + 1, ws.qkv.data(), layer_cache<int8_t>(cache, capacity, C / heads),
+                      scales[l], ws.attended.data(), ldc, threads);
+        else
+            attention(rows, heads, cached + 1, ws.qkv.data(), layer_cache<uint16_t>(cache, capacity, C / heads),
+                      scales[l], ws.attended.data(), ldc, threads);
         linear(w(p + 5, C, C), rows, ws.attended.data(), ldc, ws, hidden, C, -1, true, threads);
         layer_norm(rows, C, hidden, f(p + 8), f(p + 9), eps, ws.normed.data(), ldc);
         linear(w(p + 10, C, inner), rows, ws.normed.data(), ldc, ws, ws.inner.data(), ldi, activation, false, threads);

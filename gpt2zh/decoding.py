@@ -59,6 +59,40 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
 
 
+class QuantizedLayer(PreallocatedLayer):
+    """A PreallocatedLayer of int8 keys and values, each head's at each position with its own scale (its largest
+    magnitude at 127), as int8-cpp reads and writes them: half the bytes of a bf16 cache, and held-out loss unchanged
+    to 1e-4 (docs/BENCHMARKS.md). The forward pass over a prefix attends to what is stored, dequantized."""
+
+    def __init__(self, capacity):
+        super().__init__(capacity, torch.int8)
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        self.key_scales = torch.empty(self.key_buffer.shape[:3], device=self.device)  # [B, H, capacity]
+        self.value_scales = torch.empty_like(self.key_scales)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.keys.shape[2]
+        end = start + key_states.shape[2]
+        stored = []
+        for states, buffer, scales in ((key_states, self.key_buffer, self.key_scales),
+                                       (value_states, self.value_buffer, self.value_scales)):
+            levels, scale = native.quantized(states, 127)  # [B, H, T, D], [B, H, T, 1]
+            buffer[:, :, start:end], scales[:, :, start:end] = levels, scale[..., 0]
+            stored.append((buffer[:, :, :end] * scales[:, :, :end, None]).to(states.dtype))
+        self.rewind(end)
+        return tuple(stored)
+
+    def pretend_filled(self, length):
+        levels, scale = native.quantized(torch.randn(length, self.key_buffer.shape[-1]), 127)  # [L, D], [L, 1]
+        for buffer, scales in ((self.key_buffer, self.key_scales), (self.value_buffer, self.value_scales)):
+            buffer[:, :, :length], scales[:, :, :length] = levels, scale[:, 0]
+        self.rewind(length)
+
+
 class PackedLinear:
     """x @ weight.T + bias with the weight reordered once by oneDNN for a few rows at a time (what torch.compile's
     freezing does on CPU): 1.6-2x faster than addmm for the 10 rows of a sampling step."""
@@ -112,12 +146,12 @@ def attend_sdpa(query, keys, values, scale):
 
 ATTENDS = {"matmul": attend_matmul, "sdpa": attend_sdpa}
 HALF_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # a cache in the weights' own half precision
-CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 
 
 @dataclass(frozen=True)
 class SamplingKernel:
-    cache: str  # "fp32", or the weights' "bf16" / "fp16"
+    cache: str  # "fp32", the weights' "bf16" / "fp16", or "int8" (QuantizedLayer)
     attention: str  # a key of ATTENDS, or "cpp": the whole step in C++ (native.py)
     linear: str  # "plain", "packed" (bf16 for oneDNN), "fp16"; with "cpp" the weights it streams: "bf16" or "int8"
 
@@ -201,7 +235,9 @@ class DecodeStep:
 
 
 def preallocated_cache(model, capacity, dtype=None):
-    """A cache for `capacity` tokens in `dtype` (None: the weights')."""
+    """A cache for `capacity` tokens in `dtype` (None: the weights'; torch.int8: QuantizedLayer's)."""
+    if dtype == torch.int8:
+        return Cache(layers=[QuantizedLayer(capacity) for _ in range(model.config.n_layer)])
     return Cache(layers=[PreallocatedLayer(capacity, dtype) for _ in range(model.config.n_layer)])
 
 
@@ -210,8 +246,8 @@ def preallocated_cache(model, capacity, dtype=None):
 # docs/BENCHMARKS.md ("Sampling kernels"). Without a working C++ compiler (Windows without one on PATH, say)
 # the trial chooses among the others.
 CANDIDATES = (
-    SamplingKernel("bf16", "cpp", "bf16"),  # AMD Zen 4 (AVX512-BF16) and Zen 3 (AVX2): 1, 2 and 10 rows
-    SamplingKernel("bf16", "cpp", "int8"),
+    SamplingKernel("bf16", "cpp", "bf16"),  # AMD Zen 4 (AVX512-BF16): 1, 2 and 10 rows (timed before int8-cpp)
+    SamplingKernel("int8", "cpp", "int8"),  # Zen 3: 1 and 10 rows
     SamplingKernel("fp32", "sdpa", "plain"),  # Zen 3 without a compiler: 10 rows (fp32 weights)
     SamplingKernel("fp32", "sdpa", "fp16"),  # Zen 3 and Zen 4 without a compiler: 1 row
     SamplingKernel("fp32", "sdpa", "packed"),  # Zen 4 without a compiler: 10 rows (bf16 weights)

@@ -60,19 +60,27 @@ def pack(weight):
 INT8_OFFSET = 128  # decode_step.cpp's WEIGHT_OFFSET: int8 weights packed as unsigned bytes
 
 
+def quantized(x, levels):
+    """x's last dimension rounded to -levels..levels, its largest magnitude to `levels`, as decode_step.cpp's
+    quantize rounds a linear layer's input row (63 levels) or a head's key or value (127): (the levels, the scale
+    each slice's are worth) — x ~ levels * scale."""
+    x = x.float()
+    top = x.abs().amax(dim=-1, keepdim=True)
+    times = torch.where(top > 0, levels / top, torch.zeros_like(top))
+    return torch.round(x * times).clamp(-levels, levels), top / levels
+
+
 def pack_int8(weight):
     """A weight [in, out] as decode_step.cpp reads int8 ones, and the scale of each output (its largest magnitude
     maps to 127: weight ~ int8 * scale): [tiles of 16 outputs, input quads, 16, 4] uint8 (int8 + 128), [out] fp32."""
-    weight = weight.float()
-    scale = weight.abs().amax(dim=0) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero output stays zero
-    quantized = padded(torch.round(weight / scale).clamp(-127, 127).to(torch.int16), torch.int16, 4)  # padding: 0
-    return (quantized + INT8_OFFSET).to(torch.uint8).permute(2, 0, 3, 1).contiguous(), scale  # [T, Q, 16, 4]
+    levels, scale = quantized(weight.t(), 127)  # [out, in], [out, 1]
+    levels = padded(levels.t().to(torch.int16), torch.int16, 4)  # padding: 0
+    return (levels + INT8_OFFSET).to(torch.uint8).permute(2, 0, 3, 1).contiguous(), scale[:, 0]  # [T, Q, 16, 4]
 
 
 class NativeDecodeStep:
     """DecodeStep's step (the same arguments and result) by decode_step.cpp: the residual stream, layer norms and
-    softmax in fp32, a bf16 cache, bf16 or int8 copies of the weights packed for streaming."""
+    softmax in fp32; bf16 copies of the weights packed for streaming and a bf16 cache, or int8 ones of both."""
 
     def __init__(self, model, kernel):
         if not supports(model):
@@ -105,15 +113,17 @@ class NativeDecodeStep:
         cached = cache.get_seq_length()
         hidden = (self.wte[ids].float() + self.wpe[cached].float()).contiguous()  # [B, C]
         head_dim = config.n_embd // config.n_head
-        buffers = []
+        buffers, dtype = [], self.kernel.cache_dtype
         for layer in cache.layers:
             if not layer.is_initialized:  # a cache no forward pass has filled yet (the kernel trial's)
-                empty = torch.empty(rows, config.n_head, 0, head_dim, dtype=torch.bfloat16)
+                empty = torch.empty(rows, config.n_head, 0, head_dim, dtype=dtype)
                 layer.lazy_initialization(empty, empty)
-            if layer.key_buffer.dtype != torch.bfloat16 or layer.key_buffer.shape[0] != rows:
-                raise ValueError(f"{self.kernel.name} steps {rows} rows over a bf16 cache, got "
+            if layer.key_buffer.dtype != dtype or layer.key_buffer.shape[0] != rows:
+                raise ValueError(f"{self.kernel.name} steps {rows} rows over a {dtype} cache, got "
                                  f"{layer.key_buffer.dtype} {tuple(layer.key_buffer.shape)}")
-            buffers += [layer.key_buffer.data_ptr(), layer.value_buffer.data_ptr()]
+            scales = (layer.key_scales, layer.value_scales) if dtype == torch.int8 else (None, None)
+            buffers += [buffer.data_ptr() if buffer is not None else None
+                        for buffer in (layer.key_buffer, layer.value_buffer, *scales)]
         capacity = cache.layers[0].key_buffer.shape[2]
         if cached + 1 > capacity:  # the C++ side writes at position `cached` unchecked
             raise ValueError(f"the cache holds {capacity} tokens; slide the window before stepping past it")

@@ -216,10 +216,10 @@ def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_bloc
                 getattr(block, silenced).c_proj.bias.zero_()
         sequence = torch.randint(0, 50, (17, 140))
         model = copy.deepcopy(reference_model).to(torch.bfloat16)
-        if silenced:  # PyTorch with int8-cpp's rounding, over the same cache in fp32 (as the step attends)
-            cache = preallocated_cache(model, 144)
+        if silenced:  # PyTorch with int8-cpp's rounding, over the same int8 cache, its queries and outputs in fp32
+            cache = preallocated_cache(model, 144, torch.int8)
             encode_tokens(model, sequence[:, :134], cache)
-            quantized, cache = quantized_as_the_int8_step(model), attended_as_the_step_attends(cache)
+            quantized = quantized_as_the_int8_step(model)
             reference = torch.stack([encode_tokens(quantized, sequence[:, position:position + 1], cache)
                                      for position in range(134, 140)], dim=1)
             kernels = {"int8-cpp": 1e-4}
@@ -228,8 +228,8 @@ def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_bloc
                 reference = reference_model(input_ids=sequence).logits[:, 134:]
             kernels = {"bf16-cpp": 0.03, "int8-cpp": 0.08}
         for name, tolerance in kernels.items():
-            step = decode_step(model, kernel_candidates(model)[name])
-            cache = preallocated_cache(model, 144)
+            kernel = kernel_candidates(model)[name]
+            step, cache = decode_step(model, kernel), preallocated_cache(model, 144, kernel.cache_dtype)
             encode_tokens(model, sequence[:, :134], cache)
             logits = torch.stack([step(sequence[:, position], cache) for position in range(134, 140)], dim=1)
             error = (logits.float() - reference).abs().max() / reference.abs().max()
@@ -237,42 +237,26 @@ def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_bloc
             assert cache.get_seq_length() == 140
 
 
-def attended_as_the_step_attends(cache):
-    """The cache's keys and values as fp32, new ones rounded to bf16 first: queries and outputs in fp32, as the C++
-    step's (a bf16 output moves many quantized inputs a level)."""
-    length = cache.get_seq_length()
-    for layer in cache.layers:
-        layer.key_buffer, layer.value_buffer = layer.key_buffer.float(), layer.value_buffer.float()
-        layer.rewind(length)
-        update = layer.update
-        layer.update = lambda key, value, update=update: update(key.bfloat16(), value.bfloat16())
-    return cache
-
-
 def quantized_as_the_int8_step(model):
     """An fp32 copy of `model` whose linear layers compute as int8-cpp's do: the weights rounded to int8 with a scale
-    per output (native.pack_int8), each input row to -63..63 with its own scale (decode_step.cpp's quantize_rows)."""
+    per output (as native.pack_int8), each input row to -63..63 with its own scale (decode_step.cpp's quantize_rows)."""
     import copy
 
     from gpt2zh.model import weight_out_in
-    from gpt2zh.native import pack_int8
+    from gpt2zh.native import quantized
 
-    def input_levels(x):
-        top = x.abs().amax(dim=-1, keepdim=True)
-        times = torch.where(top > 0, 63 / top, torch.zeros_like(top))
-        return torch.round(x * times).clamp(-63, 63) * (top / 63)
+    def rounded(x, top_level):
+        levels, scale = quantized(x, top_level)
+        return levels * scale
 
-    quantized = copy.deepcopy(model).float()
-    blocks = quantized.transformer.h
-    layers = [layer for block in blocks for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc,
-                                                      block.mlp.c_proj)] + [quantized.lm_head]
-    for layer in layers:
-        weight = weight_out_in(layer).t().detach()  # [in, out]
-        _, scale = pack_int8(weight)
-        weight = torch.round(weight / scale).clamp(-127, 127) * scale
+    copied = copy.deepcopy(model).float()
+    layers = [layer for block in copied.transformer.h for layer in (block.attn.c_attn, block.attn.c_proj,
+                                                                    block.mlp.c_fc, block.mlp.c_proj)]
+    for layer in [*layers, copied.lm_head]:
+        weight = rounded(weight_out_in(layer).detach(), 127).t()  # [in, out], each output with its own scale
         bias = layer.bias.detach() if layer.bias is not None else 0.0
-        layer.forward = lambda x, weight=weight, bias=bias: input_levels(x) @ weight + bias
-    return quantized
+        layer.forward = lambda x, weight=weight, bias=bias: rounded(x, 63) @ weight + bias
+    return copied
 
 
 def test_without_a_working_compiler_the_cpp_step_is_left_out_and_asking_for_it_is_explained(tmp_path):
