@@ -182,9 +182,9 @@ MARCHES = ["native", *(["x86-64-v2"] if platform.machine() in ("x86_64", "AMD64"
 @pytest.mark.parametrize("march", MARCHES)
 def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_block_and_both_activations(
         march, tmp_path, monkeypatch, request):
-    """The C++ step, with bf16 weights and with int8 ones, attends in vectors for heads of 32, 64 and 128 and in
-    scalars otherwise (here 7); it pads odd widths (n_embd 21, n_inner 45, vocab 50: not whole tiles of 16 or quads
-    of inputs) and takes rows in blocks: 17 rows cross a block. With attention scaled by the inverse layer index,
+    """The C++ step, with bf16 weights and cache and with int8 ones, attends in vectors for heads of 32, 64 and 128
+    and in scalars otherwise (here 7); it pads odd widths (n_embd 21, n_inner 45, vocab 50: not whole tiles of 16 or
+    quads of inputs) and takes rows in blocks: 17 rows cross a block. With attention scaled by the inverse layer index,
     caches of 135 to 140 tokens (blocks of 64 keys whose running maximum grows, and every remainder of its loops over
     8, 4 and 2 keys) and both activations it computes, against the model's fp32 forward: bf16-cpp within 3% of the
     logits' range, int8-cpp within 8% (rounding the weights and inputs of these random models moves their logits by
