@@ -40,18 +40,25 @@ class PreallocatedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start = self.keys.shape[2]
-        end = start + key_states.shape[2]
-        self.key_buffer[:, :, start:end] = key_states
-        self.value_buffer[:, :, start:end] = value_states
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        self.store(start, key_states, value_states)
+        self.rewind(start + key_states.shape[2])
+        return self.attended(key_states.dtype)
+
+    def store(self, start, keys, values):
+        """keys and values [B, H, T, D] (or [T, D], the same for every row and head) at positions start.."""
+        end = start + keys.shape[-2]
+        self.key_buffer[:, :, start:end], self.value_buffer[:, :, start:end] = keys, values
+
+    def attended(self, dtype):
+        """The keys and values the forward pass attends to: the filled positions as stored."""
         return self.keys, self.values
 
     def pretend_filled(self, length):
         """Random keys and values for the first `length` positions, as if that many tokens came before (for timing
         a step at a given cache length without encoding a prefix): the same for every row and head, as drawing them
         all took seconds for ten rows of a bf16 cache."""
-        for buffer in (self.key_buffer, self.value_buffer):
-            buffer[:, :, :length] = torch.randn(length, buffer.shape[-1])  # [L, D] into every [B, H]
+        head_dim = self.key_buffer.shape[-1]
+        self.store(0, torch.randn(length, head_dim), torch.randn(length, head_dim))  # [L, D] into every [B, H]
         self.rewind(length)
 
     def rewind(self, length):
@@ -72,25 +79,17 @@ class QuantizedLayer(PreallocatedLayer):
         self.key_scales = torch.empty(self.key_buffer.shape[:3], device=self.device)  # [B, H, capacity]
         self.value_scales = torch.empty_like(self.key_scales)
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start = self.keys.shape[2]
-        end = start + key_states.shape[2]
-        stored = []
-        for states, buffer, scales in ((key_states, self.key_buffer, self.key_scales),
-                                       (value_states, self.value_buffer, self.value_scales)):
-            levels, scale = native.quantized(states, 127)  # [B, H, T, D], [B, H, T, 1]
-            buffer[:, :, start:end], scales[:, :, start:end] = levels, scale[..., 0]
-            stored.append((buffer[:, :, :end] * scales[:, :, :end, None]).to(states.dtype))
-        self.rewind(end)
-        return tuple(stored)
+    def store(self, start, keys, values):
+        keys, key_scale = native.quantized(keys, 127)  # levels [..., T, D], scales [..., T, 1]
+        values, value_scale = native.quantized(values, 127)
+        super().store(start, keys, values)
+        end = start + keys.shape[-2]
+        self.key_scales[:, :, start:end], self.value_scales[:, :, start:end] = key_scale[..., 0], value_scale[..., 0]
 
-    def pretend_filled(self, length):
-        levels, scale = native.quantized(torch.randn(length, self.key_buffer.shape[-1]), 127)  # [L, D], [L, 1]
-        for buffer, scales in ((self.key_buffer, self.key_scales), (self.value_buffer, self.value_scales)):
-            buffer[:, :, :length], scales[:, :, :length] = levels, scale[:, 0]
-        self.rewind(length)
+    def attended(self, dtype):
+        end = self.keys.shape[2]
+        return tuple((levels * scales[:, :, :end, None]).to(dtype)
+                     for levels, scales in ((self.keys, self.key_scales), (self.values, self.value_scales)))
 
 
 class PackedLinear:
