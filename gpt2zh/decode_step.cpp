@@ -12,7 +12,7 @@
 // products are summed in integers — AVX2's and AVX-512's multiply-adds of bytes do four times the work of an fp32
 // multiply-add in a vector, where ten rows make the step compute-bound. The residual stream, layer norms, softmax
 // and the sums of bf16 products are fp32; the cache [rows, heads, capacity, head_dim] is bf16, or int8 with a scale
-// for each position of each head.
+// for each position of each head (the queries then rounded to int8 too, their products with keys summed in integers).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -61,10 +61,14 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as PyTorch's .to(t
 
 inline float bf16_to_float(uint16_t b) { return bits_to_float(uint32_t(b) << 16); }
 
+// adding 1.5 * 2^23 rounds a float below 2^22 to a whole number (to even) in vector instructions, where
+// std::nearbyint is a scalar call
+constexpr float ROUNDING = 12582912.0f;
+
 // exp(x) to ~2 ulp in branch-free arithmetic the compiler vectorizes (glibc's expf is a scalar call here)
 inline float exp_approx(float x) {
     x = std::min(std::max(x, -87.0f), 88.0f);
-    float n = std::nearbyint(x * 1.44269504088896341f);
+    const float n = (x * 1.44269504088896341f + ROUNDING) - ROUNDING;
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -179,7 +183,6 @@ struct QuantizedRows {
 // x[0..n) rounded to -levels..levels, its largest magnitude to `levels` (to even, as torch.round; native.py's
 // quantized): returns what a level is worth
 inline float quantize(const float* x, int n, float levels, int8_t* out) {
-    constexpr float ROUNDING = 12582912.0f;  // adding 1.5 * 2^23 rounds a float to a whole number, in vectors
     const float top = largest_of(n, [&](int i) { return std::fabs(x[i]); });
     const float times = top > 0.0f ? levels / top : 0.0f;
     for (int i = 0; i < n; ++i) out[i] = int8_t(std::clamp((x[i] * times + ROUNDING) - ROUNDING, -levels, levels));
@@ -590,29 +593,30 @@ inline void load16(const int8_t* p, __m256& low, __m256& high) {  // 16 int8 val
     high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
 }
 
-template <int PAIRS, class Element>
-void attend_in_vectors(const float* q, Head<Element> head, int length, float scale, float* out) {
-    constexpr int dim = 32 * PAIRS, CHUNKS = 2 * PAIRS, BLOCK = 64;  // chunks of 16 dims
-    __m256 query[CHUNKS][2];  // [16 dims][the halves load16 splits them into]
-    for (int c = 0; c < CHUNKS; ++c) {
-        alignas(32) float halves[2][8];
-        for (int half = 0; half < 2; ++half)
-            for (int j = 0; j < 8; ++j) halves[half][j] = q[16 * c + lane_dim<Element, 8>(half, j)] * scale;
-        query[c][0] = _mm256_load_ps(halves[0]);
-        query[c][1] = _mm256_load_ps(halves[1]);
+// A query's scores against blocks of bf16 keys: its 16-dim chunks in the halves load16 splits a key's into, times
+// `scale`, multiplied in floats
+template <int PAIRS>
+struct KeyScores {
+    static constexpr int CHUNKS = 2 * PAIRS;  // of 16 dims
+    __m256 query[CHUNKS][2];
+
+    KeyScores(const float* q, float scale) {
+        for (int c = 0; c < CHUNKS; ++c) {
+            alignas(32) float halves[2][8];
+            for (int half = 0; half < 2; ++half)
+                for (int j = 0; j < 8; ++j) halves[half][j] = q[16 * c + lane_dim<uint16_t, 8>(half, j)] * scale;
+            query[c][0] = _mm256_load_ps(halves[0]);
+            query[c][1] = _mm256_load_ps(halves[1]);
+        }
     }
-    __m256 sums[CHUNKS][2];  // 8 accumulators for heads of 64: independent FMAs every key
-    for (auto& chunk : sums) chunk[0] = chunk[1] = _mm256_setzero_ps();
-    alignas(32) float weights[BLOCK];
-    float top = -INFINITY, total = 0.0f;
-    for (int start = 0; start < length; start += BLOCK) {
-        const int n = std::min(BLOCK, length - start);
+    // weights[0..n rounded up to 8) = the query . keys[0..n) (n <= 64)
+    void operator()(const uint16_t* keys, int n, float* weights) const {
         for (int t = 0; t < n; t += 8) {
             __m256 dots[8];
             for (int i = 0; i < 8; ++i) {
                 dots[i] = _mm256_setzero_ps();
                 if (t + i >= n) continue;
-                const Element* key = head.keys + size_t(start + t + i) * dim;
+                const uint16_t* key = keys + size_t(t + i) * 32 * PAIRS;
                 __m256 other = _mm256_setzero_ps(), first, second;
                 for (int c = 0; c < CHUNKS; ++c) {
                     load16(key + 16 * c, first, second);
@@ -621,8 +625,63 @@ void attend_in_vectors(const float* q, Head<Element> head, int length, float sca
                 }
                 dots[i] = _mm256_add_ps(dots[i], other);
             }
-            _mm256_store_ps(weights + t, sums_of_eight(dots));  // weights has room for a whole last 8
+            _mm256_store_ps(weights + t, sums_of_eight(dots));
         }
+    }
+};
+
+inline __m256i sums_of_eight(const __m256i* v) {  // sums_of_eight in integers
+    const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i efgh = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(abcd, efgh, 0x20), _mm256_permute2x128_si256(abcd, efgh, 0x31));
+}
+
+// Against int8 keys the query is in levels too (attention's rounded_query): the products of bytes are summed in
+// integers, 32 at a time by vpmaddubsw (unsigned by signed bytes: the query's magnitudes by the keys with its signs;
+// each pair's sum below 2 * 127 * 127 < 32768), a third of the operations of widening each key to floats.
+template <int PAIRS>
+struct LevelScores {
+    __m256i magnitudes[PAIRS], signs[PAIRS];  // 32 dims each
+    float scale;
+
+    LevelScores(const float* q, float scale) : scale(scale) {
+        for (int c = 0; c < PAIRS; ++c) {
+            alignas(32) int8_t levels[32];
+            for (int j = 0; j < 32; ++j) levels[j] = int8_t(q[32 * c + j]);
+            signs[c] = _mm256_load_si256(reinterpret_cast<const __m256i*>(levels));
+            magnitudes[c] = _mm256_abs_epi8(signs[c]);
+        }
+    }
+    void operator()(const int8_t* keys, int n, float* weights) const {
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int t = 0; t < n; t += 8) {
+            __m256i dots[8];
+            for (int i = 0; i < 8; ++i) {
+                dots[i] = _mm256_setzero_si256();
+                if (t + i >= n) continue;
+                const int8_t* key = keys + size_t(t + i) * 32 * PAIRS;
+                for (int c = 0; c < PAIRS; ++c) {
+                    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + 32 * c));
+                    const __m256i pairs = _mm256_maddubs_epi16(magnitudes[c], _mm256_sign_epi8(k, signs[c]));
+                    dots[i] = _mm256_add_epi32(dots[i], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            _mm256_store_ps(weights + t, _mm256_mul_ps(_mm256_cvtepi32_ps(sums_of_eight(dots)), _mm256_set1_ps(scale)));
+        }
+    }
+};
+
+template <int PAIRS, class Element>
+void attend_in_vectors(const float* q, Head<Element> head, int length, float scale, float* out) {
+    constexpr int dim = 32 * PAIRS, CHUNKS = 2 * PAIRS, BLOCK = 64;  // chunks of 16 dims
+    const std::conditional_t<SCALED<Element>, LevelScores<PAIRS>, KeyScores<PAIRS>> scores(q, scale);
+    __m256 sums[CHUNKS][2];  // 8 accumulators for heads of 64: independent FMAs every key
+    for (auto& chunk : sums) chunk[0] = chunk[1] = _mm256_setzero_ps();
+    alignas(32) float weights[BLOCK];  // room for a whole last 8
+    float top = -INFINITY, total = 0.0f;
+    for (int start = 0; start < length; start += BLOCK) {
+        const int n = std::min(BLOCK, length - start);
+        scores(head.keys + size_t(start) * dim, n, weights);
         for (int t = 0; t < n; ++t) weights[t] *= head.key_scale(start + t);
         const float shrink = softmax_block(weights, n, top, total);
         if (shrink != 1.0f)
@@ -743,6 +802,18 @@ void attend_in_scalars(const float* q, Head<Element> head, int dim, int length, 
     for (int d = 0; d < dim; ++d) out[d] /= total;
 }
 
+// Against an int8 cache a query is rounded to levels as the keys are, its scale folded into `scale`, whichever path
+// attends: its products with a key are whole numbers, which AVX2 sums in integers (LevelScores).
+template <class Element>
+const float* rounded_query(const float* q, int dim, float& scale, std::vector<float>& levels) {
+    if constexpr (!SCALED<Element>) return q;
+    thread_local std::vector<int8_t> bytes;
+    bytes.resize(dim);
+    scale *= quantize(q, dim, CACHE_LEVELS, bytes.data());
+    levels.assign(bytes.begin(), bytes.end());
+    return levels.data();
+}
+
 // Each row's newest query over its `length` cached keys (the newest written here first): attended [rows][lda]
 template <class Element>
 void attention(int rows, int heads, int length, const float* qkv, LayerCache<Element> cache, float scale,
@@ -755,14 +826,16 @@ void attention(int rows, int heads, int length, const float* qkv, LayerCache<Ele
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int rh = 0; rh < rows * heads; ++rh) {
         const int r = rh / heads, h = rh % heads;
-        const float* q = qkv + size_t(r) * 3 * C + h * dim;
+        thread_local std::vector<float> levels;
+        float query_scale = scale;
+        const float* q = rounded_query<Element>(qkv + size_t(r) * 3 * C + h * dim, dim, query_scale, levels);
         const Head<Element> head = cache.head(rh);
         float* out = attended + size_t(r) * lda + h * dim;
         switch (dim) {  // the head sizes of GPT-2 configs; any other in scalars
-            case 32: attend_in_vectors<1>(q, head, length, scale, out); break;
-            case 64: attend_in_vectors<2>(q, head, length, scale, out); break;
-            case 128: attend_in_vectors<4>(q, head, length, scale, out); break;
-            default: attend_in_scalars(q, head, dim, length, scale, out);
+            case 32: attend_in_vectors<1>(q, head, length, query_scale, out); break;
+            case 64: attend_in_vectors<2>(q, head, length, query_scale, out); break;
+            case 128: attend_in_vectors<4>(q, head, length, query_scale, out); break;
+            default: attend_in_scalars(q, head, dim, length, query_scale, out);
         }
     }
 }

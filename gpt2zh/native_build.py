@@ -18,7 +18,9 @@ from .errors import UserError
 from .fileio import cache_dir, write_json_atomic
 
 SOURCE = Path(__file__).with_name("decode_step.cpp")
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi"]
+# -fno-trapping-math: floating-point exceptions are never looked at, so the compiler may turn the comparisons of
+# exp_approx's clamp and softmax's maximum into vector instructions (the softmax and GELU loops stayed scalar)
+FLAGS = ["-O3", "-std=c++17", "-fno-trapping-math", "-shared", "-fPIC", "-Wno-psabi"]
 OPENMP = "-fopenmp"
 # the compiler's macros for the instruction sets it targets, as the CPU's flags name them (cpu.ISA_FLAGS)
 TARGET_MACROS = {"__SSE4_2__": "sse4_2", "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c",

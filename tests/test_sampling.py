@@ -239,7 +239,8 @@ def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_bloc
 
 def quantized_as_the_int8_step(model):
     """An fp32 copy of `model` whose linear layers compute as int8-cpp's do: the weights rounded to int8 with a scale
-    per output (as native.pack_int8), each input row to -63..63 with its own scale (decode_step.cpp's quantize_rows)."""
+    per output (as native.pack_int8), each input row to -63..63 with its own scale (decode_step.cpp's quantize_rows);
+    and whose attention rounds each head's query to -127..127 as it rounds keys (decode_step.cpp's rounded_query)."""
     import copy
 
     from gpt2zh.model import weight_out_in
@@ -256,6 +257,13 @@ def quantized_as_the_int8_step(model):
         weight = rounded(weight_out_in(layer).detach(), 127).t()  # [in, out], each output with its own scale
         bias = layer.bias.detach() if layer.bias is not None else 0.0
         layer.forward = lambda x, weight=weight, bias=bias: rounded(x, 63) @ weight + bias
+    heads, width = copied.config.n_head, copied.config.n_embd
+    for block in copied.transformer.h:
+        def rounded_queries(x, project=block.attn.c_attn.forward):
+            query, keys_values = project(x).split([width, 2 * width], dim=-1)
+            query = rounded(query.unflatten(-1, (heads, -1)), 127).flatten(-2)  # [B, T, heads, head_dim]
+            return torch.cat([query, keys_values], dim=-1)
+        block.attn.c_attn.forward = rounded_queries
     return copied
 
 
