@@ -35,17 +35,17 @@ def compiler():
     return os.environ.get("CXX") or "c++"
 
 
-def architecture_flag():
-    """-march=native: the instruction sets of the CPU that builds; GPT2ZH_MARCH names another (e.g. haswell, an
-    AVX2 CPU, to measure one on an AVX-512 machine)."""
-    return f"-march={os.environ.get('GPT2ZH_MARCH') or 'native'}"
+def architecture_flag(march=None):
+    """-march=native: the instruction sets of the CPU that builds; GPT2ZH_MARCH (or `march`) names another (e.g.
+    haswell, an AVX2 CPU, to measure one on an AVX-512 machine)."""
+    return f"-march={march or os.environ.get('GPT2ZH_MARCH') or 'native'}"
 
 
-def target_features(command):
-    """The instruction-set extensions `command` compiles for with architecture_flag() (its predefined macros);
+def target_features(command, march=None):
+    """The instruction-set extensions `command` compiles for with architecture_flag(march) (its predefined macros);
     empty where the compiler cannot say."""
     try:
-        macros = subprocess.run([command, architecture_flag(), "-dM", "-E", "-x", "c++", os.devnull],
+        macros = subprocess.run([command, architecture_flag(march), "-dM", "-E", "-x", "c++", os.devnull],
                                 capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return frozenset()
@@ -61,13 +61,14 @@ def compiler_version(command):
     return (out.splitlines() or [""])[0]
 
 
-def build(command, path):
-    """Compile decode_step.cpp to `path`, with OpenMP where the compiler has it (macOS's clang has none: then one
-    thread). Returns whether OpenMP is in; raises UserError with the compiler's first error."""
+def build(command, path, march=None):
+    """Compile decode_step.cpp to `path` for architecture_flag(march), with OpenMP where the compiler has it (macOS's
+    clang has none: then one thread). Returns whether OpenMP is in; raises UserError with the compiler's first
+    error."""
     errors = []
     for flags in ([*FLAGS, OPENMP], FLAGS):
         partial = path.with_suffix(f".{os.getpid()}.tmp")
-        built = subprocess.run([command, *flags, architecture_flag(), str(SOURCE), "-o", str(partial)],
+        built = subprocess.run([command, *flags, architecture_flag(march), str(SOURCE), "-o", str(partial)],
                                capture_output=True, text=True)
         if built.returncode == 0:
             os.replace(partial, path)
