@@ -61,14 +61,10 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as PyTorch's .to(t
 
 inline float bf16_to_float(uint16_t b) { return bits_to_float(uint32_t(b) << 16); }
 
-// adding 1.5 * 2^23 rounds a float below 2^22 to a whole number (to even) in vector instructions, where
-// std::nearbyint is a scalar call
-constexpr float ROUNDING = 12582912.0f;
-
 // exp(x) to ~2 ulp in branch-free arithmetic the compiler vectorizes (glibc's expf is a scalar call here)
 inline float exp_approx(float x) {
     x = std::min(std::max(x, -87.0f), 88.0f);
-    const float n = (x * 1.44269504088896341f + ROUNDING) - ROUNDING;
+    const float n = std::rint(x * 1.44269504088896341f);
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -184,8 +180,8 @@ struct QuantizedRows {
 // quantized): returns what a level is worth
 inline float quantize(const float* x, int n, float levels, int8_t* out) {
     const float top = largest_of(n, [&](int i) { return std::fabs(x[i]); });
-    const float times = top > 0.0f ? levels / top : 0.0f;
-    for (int i = 0; i < n; ++i) out[i] = int8_t(std::clamp((x[i] * times + ROUNDING) - ROUNDING, -levels, levels));
+    const float times = top > 0.0f ? (1.0f / top) * levels : 0.0f;  // as native.py's quantized
+    for (int i = 0; i < n; ++i) out[i] = int8_t(std::clamp(std::rint(x[i] * times), -levels, levels));
     return top / levels;
 }
 
@@ -856,6 +852,38 @@ int gpt2_decode_pair_dot_in_bf16() {
 #else
     return 0;
 #endif
+}
+
+// weight [in][out] (element (i, o) at weight[i * in_stride + o * out_stride]) as the int8 linear layers read it:
+// each output's inputs rounded by quantize (its largest magnitude to 127), packed [tiles][quads][TILE][4] as unsigned
+// bytes (level + WEIGHT_OFFSET; zero levels past the edges); scales [out]: what a level of each output is worth. One
+// read of the weight: rounding it in PyTorch took half a second of every start for the seed model.
+void gpt2_pack_int8(int in, int out, const float* weight, int64_t in_stride, int64_t out_stride, uint8_t* packed,
+                    float* scales, int threads) {
+    const int quads = (in + 3) / 4, tiles = (out + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < tiles; ++t) {
+        const int outputs = std::min(TILE, out - TILE * t);
+        std::vector<float> columns(size_t(TILE) * in);             // [TILE][in]: the tile's outputs, each contiguous
+        std::vector<int8_t> levels(size_t(TILE) * 4 * quads, 0);  // [TILE][4 * quads]
+        auto element = [&](int i, int o) -> float& { return columns[size_t(o) * in + i]; };
+        const float* tile_weight = weight + int64_t(TILE * t) * out_stride;
+        if (in_stride < out_stride) {  // read along the memory: a transposed view (the tied output layer) by outputs
+            for (int o = 0; o < outputs; ++o)
+                for (int i = 0; i < in; ++i) element(i, o) = tile_weight[i * in_stride + o * out_stride];
+        } else {
+            for (int i = 0; i < in; ++i)
+                for (int o = 0; o < outputs; ++o) element(i, o) = tile_weight[i * in_stride + o * out_stride];
+        }
+        for (int o = 0; o < outputs; ++o)
+            scales[TILE * t + o] = quantize(columns.data() + size_t(o) * in, in, 127.0f,
+                                            levels.data() + size_t(o) * 4 * quads);
+        uint8_t* tile = packed + size_t(t) * quads * TILE * 4;
+        for (int q = 0; q < quads; ++q)
+            for (int o = 0; o < TILE; ++o)
+                for (int k = 0; k < 4; ++k)
+                    tile[(q * TILE + o) * 4 + k] = uint8_t(levels[size_t(o) * 4 * quads + 4 * q + k] + WEIGHT_OFFSET);
+    }
 }
 
 // hidden [rows][C]: each row's token and position embedding, on return the last block's output (fp32).

@@ -42,22 +42,14 @@ def packed_linear(layer, weights):
     return [pack(weight), None, bias]
 
 
-def padded(weight, dtype, inputs_a_group):
-    """weight [in, out] in `dtype`, zero-padded to whole groups of inputs and whole tiles of 16 outputs, viewed as
-    [input groups, inputs_a_group, tiles, 16]."""
-    inputs, outputs = weight.shape
-    groups, tiles = -(-inputs // inputs_a_group), -(-outputs // 16)
-    result = torch.zeros(groups * inputs_a_group, 16 * tiles, dtype=dtype)
-    result[:inputs, :outputs] = weight
-    return result.view(groups, inputs_a_group, tiles, 16)
-
-
 def pack(weight):
-    """A weight [in, out] as decode_step.cpp reads bf16 ones: [tiles of 16 outputs, input pairs, 16, 2]."""
-    return padded(weight.to(torch.bfloat16), torch.bfloat16, 2).permute(2, 0, 3, 1).contiguous()  # [T, P, 16, 2]
-
-
-INT8_OFFSET = 128  # decode_step.cpp's WEIGHT_OFFSET: int8 weights packed as unsigned bytes
+    """A weight [in, out] as decode_step.cpp reads bf16 ones: zero-padded to whole input pairs and tiles of 16
+    outputs, [tiles, input pairs, 16, 2]."""
+    inputs, outputs = weight.shape
+    pairs, tiles = -(-inputs // 2), -(-outputs // 16)
+    result = torch.zeros(2 * pairs, 16 * tiles, dtype=torch.bfloat16)
+    result[:inputs, :outputs] = weight
+    return result.view(pairs, 2, tiles, 16).permute(2, 0, 3, 1).contiguous()  # [T, P, 16, 2]
 
 
 def quantized(x, levels):
@@ -66,16 +58,21 @@ def quantized(x, levels):
     each slice's are worth) — x ~ levels * scale."""
     x = x.float()
     top = x.abs().amax(dim=-1, keepdim=True)
-    times = torch.where(top > 0, levels / top, torch.zeros_like(top))
+    times = torch.where(top > 0, top.reciprocal() * levels, torch.zeros_like(top))  # decode_step.cpp's product
     return torch.round(x * times).clamp(-levels, levels), top / levels
 
 
 def pack_int8(weight):
-    """A weight [in, out] as decode_step.cpp reads int8 ones, and the scale of each output (its largest magnitude
-    maps to 127: weight ~ int8 * scale): [tiles of 16 outputs, input quads, 16, 4] uint8 (int8 + 128), [out] fp32."""
-    levels, scale = quantized(weight.t(), 127)  # [out, in], [out, 1]
-    levels = padded(levels.t().to(torch.int16), torch.int16, 4)  # padding: 0
-    return (levels + INT8_OFFSET).to(torch.uint8).permute(2, 0, 3, 1).contiguous(), scale[:, 0]  # [T, Q, 16, 4]
+    """A weight [in, out] as decode_step.cpp reads int8 ones, and the scale of each output: each output's inputs
+    rounded as `quantized` rounds them to 127 levels (weight ~ int8 * scale), packed by the C++ side in one pass
+    ([tiles of 16 outputs, input quads, 16, 4] uint8, int8 + 128; [out] fp32)."""
+    weight = weight.float()
+    inputs, outputs = weight.shape
+    packed = torch.empty(-(-outputs // 16), -(-inputs // 4), 16, 4, dtype=torch.uint8)
+    scales = torch.empty(outputs)
+    library().gpt2_pack_int8(inputs, outputs, weight.data_ptr(), weight.stride(0), weight.stride(1), packed.data_ptr(),
+                             scales.data_ptr(), torch.get_num_threads())
+    return packed, scales
 
 
 class NativeDecodeStep:

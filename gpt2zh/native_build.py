@@ -146,4 +146,6 @@ def build_and_load():
     lib.gpt2_decode_step.argtypes = [c_int] * 10 + [c_float] + [pointer] * 5
     lib.gpt2_decode_step.restype = None
     lib.gpt2_decode_pair_dot_in_bf16.restype = c_int
+    lib.gpt2_pack_int8.argtypes = [c_int, c_int, pointer, ctypes.c_int64, ctypes.c_int64, pointer, pointer, c_int]
+    lib.gpt2_pack_int8.restype = None
     return lib

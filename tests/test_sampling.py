@@ -242,6 +242,28 @@ def test_the_cpp_step_agrees_on_every_head_size_odd_widths_more_rows_than_a_bloc
             assert cache.get_seq_length() == 140
 
 
+def test_int8_weights_are_packed_as_rounding_them_in_pytorch_and_laying_them_out_would():
+    """gpt2_pack_int8 against PyTorch, byte for byte: each output's inputs rounded by native.quantized, zero levels
+    padded to whole quads of inputs and tiles of 16 outputs, laid out [tiles, quads, 16, 4] as level + 128; over a
+    contiguous [in, out] weight (a Conv1D's), a transposed view of an [out, in] one (the tied output layer), bf16
+    weights (whose products with a scale often land halfway between two levels: rounded to even), and an output of
+    zeros (scale 0)."""
+    from gpt2zh.native import pack_int8, quantized
+
+    torch.manual_seed(0)
+    out_in = torch.randn(45, 37)
+    out_in[7] = 0.0
+    for weight in (out_in.t().contiguous(), out_in.t(), torch.randn(300, 200).to(torch.bfloat16), torch.randn(64, 32)):
+        inputs, outputs = weight.shape
+        levels, scale = quantized(weight.t(), 127)  # [out, in], [out, 1]
+        expected = torch.zeros(-(-inputs // 4) * 4, -(-outputs // 16) * 16, dtype=torch.int16)
+        expected[:inputs, :outputs] = levels.t().to(torch.int16)
+        expected = (expected + 128).to(torch.uint8).view(-1, 4, expected.shape[1] // 16, 16).permute(2, 0, 3, 1)
+        packed, scales = pack_int8(weight)
+        assert torch.equal(packed, expected), (weight.shape, weight.stride(), weight.dtype)
+        assert torch.equal(scales, scale[:, 0])
+
+
 def quantized_as_the_int8_step(model):
     """An fp32 copy of `model` whose linear layers compute as int8-cpp's do: the weights rounded to int8 with a scale
     per output (as native.pack_int8), each input row to -63..63 with its own scale (decode_step.cpp's quantize_rows);
