@@ -46,11 +46,10 @@ def main():
     from gpt2zh.devices import autocast_dtype, pick_device
     from gpt2zh.evaluation import evaluate, summarize
     from gpt2zh.fileio import write_json_atomic
-    from gpt2zh.model import context_length, quiet_transformers
+    from gpt2zh.model import context_length
     from gpt2zh.pieces import build_pieces, check_pieces, load_pieces
     from gpt2zh.vocab import check_segment_flag, vocab_hash
 
-    quiet_transformers()
     device, _ = pick_device(args.device)
     model, tokenizer = load_model_folder(args.pretrained_model, args.tokenizer_path, "--pretrained_model")
     check_segment_flag(tokenizer, args.segment, args.pretrained_model)

@@ -26,9 +26,7 @@ def main():
         raise UserError("export_gguf.py needs the gguf package: pip install -r requirements-gguf.txt") from None
     from gpt2zh.checkpoints import load_model_folder
     from gpt2zh.gguf_export import export
-    from gpt2zh.model import quiet_transformers
 
-    quiet_transformers()
     model, tokenizer = load_model_folder(args.model_path, args.tokenizer_path)
     output = Path(args.output or f"{Path(args.model_path).resolve().name}-{args.dtype}.gguf")
     if output.exists():

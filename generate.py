@@ -171,11 +171,9 @@ def main():
 
         start_building()  # the C++ step's compiler on one core while torch is imported on the other
     from gpt2zh.devices import pick_device
-    from gpt2zh.model import quiet_transformers
     from gpt2zh.sampling import Writer
     from gpt2zh.vocab import check_segment_flag
 
-    quiet_transformers()
     device, _ = pick_device(args.device)
     writer = Writer(args.model_path, args.tokenizer_path, device, args.precision, args.batch_size or args.nsamples,
                     args.sampling_kernel)

@@ -41,10 +41,8 @@ def main():
     from pathlib import Path
 
     from gpt2zh.devices import pick_device
-    from gpt2zh.model import quiet_transformers
     from gpt2zh.webapp import ApiSettings, create_app, model_folders
 
-    quiet_transformers()
     models_dir, model = Path(args.models_dir), Path(args.model_path)
     if not model.resolve().is_relative_to(models_dir.resolve()):
         models_dir = model.parent

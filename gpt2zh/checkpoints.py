@@ -7,7 +7,7 @@ import torch
 from .articles import ARTICLE_END, ARTICLE_START, marker_ids
 from .errors import UserError
 from .fileio import new_tmp_dir, recover_dir, replace_dir_atomic
-from .model import context_length, load_config, load_pretrained
+from .model import context_length, load_config, load_pretrained, sampling_config
 from .vocab import folder_tokenizer, load_tokenizer, vocab_tokens
 
 CHECKPOINT = "checkpoint"
@@ -118,11 +118,12 @@ def check_vocabulary(tokenizer, config, model_name, vocab_name, external):
                         f"give the vocabulary the model was trained with")
 
 
-def open_model_folder(model_path, tokenizer_path=None, flag="--model_path"):
+def open_model_folder(model_path, tokenizer_path=None, flag="--model_path", sampling=False):
     """The config and tokenizer of a model folder: one written by train.py, by the original GPT2-Chinese
     (config.json without model_type, pytorch_model.bin, the vocabulary given with --tokenizer_path) or in the
     Hugging Face layout (vocab.txt or tokenizer.json beside the weights), with clear errors for the usual
-    mistakes. The vocabulary saved with the model is used; a `tokenizer_path` given as well must match it."""
+    mistakes. The vocabulary saved with the model is used; a `tokenizer_path` given as well must match it.
+    `sampling`: read without transformers where the folder allows (model.sampling_config, vocab.SavedTokenizer)."""
     model_path = Path(model_path)
     if model_path.is_file():
         raise UserError(f"{flag} {model_path}: is a file; give the folder that holds it "
@@ -132,8 +133,8 @@ def open_model_folder(model_path, tokenizer_path=None, flag="--model_path"):
         what = "does not exist" if not model_path.exists() else "has no config.json"
         raise UserError(f"{flag} {model_path}: {what}; give a folder written by train.py, such as "
                         f"model/final_model or model/model_epoch1")
-    config = load_config(model_path / "config.json", "the model's config")
-    own = folder_tokenizer(model_path)
+    config = (sampling_config if sampling else load_config)(model_path / "config.json", "the model's config")
+    own = folder_tokenizer(model_path, sampling)
     if tokenizer_path:
         given = load_tokenizer(tokenizer_path)
         if own is not None and vocab_tokens(given) != vocab_tokens(own):

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
 
 from . import kernel_trials, native, native_build
 from .devices import bf16_supported
@@ -15,17 +14,28 @@ from .errors import UserError
 from .model import attention_scale, context_length, weight_out_in
 
 
-class PreallocatedLayer(DynamicLayer):
-    """A DynamicLayer that writes each step into buffers allocated once for the whole window, where
-    DynamicLayer concatenates (copies the whole cache) at every step.
+class PreallocatedCache:
+    """The model's KV cache, a PreallocatedLayer a layer, read as transformers' Cache is (`layers`,
+    `get_seq_length`): only our forward passes use it (encode_tokens, the decode steps), and importing transformers
+    costs a second of generate.py's start."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def get_seq_length(self):
+        return self.layers[0].keys.shape[2] if self.layers[0].is_initialized else 0
+
+
+class PreallocatedLayer:
+    """A layer's cache that writes each step into buffers allocated once for the whole window, where transformers'
+    DynamicLayer concatenates (copies the whole cache) at every step; the buffers are made on the first update.
 
     `dtype` overrides the model's (the sampling kernel's choice: on some CPUs an fp32 cache is attended several
     times faster than a bf16 one).
     """
 
     def __init__(self, capacity, dtype=None):
-        super().__init__()
-        self.capacity, self.dtype = capacity, dtype
+        self.capacity, self.dtype, self.is_initialized = capacity, dtype, False
 
     def lazy_initialization(self, key_states, value_states):
         batch, heads, _, head_dim = key_states.shape  # [B, H, T, D]
@@ -36,7 +46,7 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states, value_states):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start = self.keys.shape[2]
@@ -236,8 +246,8 @@ class DecodeStep:
 def preallocated_cache(model, capacity, dtype=None):
     """A cache for `capacity` tokens in `dtype` (None: the weights'; torch.int8: QuantizedLayer's)."""
     if dtype == torch.int8:
-        return Cache(layers=[QuantizedLayer(capacity) for _ in range(model.config.n_layer)])
-    return Cache(layers=[PreallocatedLayer(capacity, dtype) for _ in range(model.config.n_layer)])
+        return PreallocatedCache([QuantizedLayer(capacity) for _ in range(model.config.n_layer)])
+    return PreallocatedCache([PreallocatedLayer(capacity, dtype) for _ in range(model.config.n_layer)])
 
 
 # ---- the sampling kernels, chosen by a short trial on the machine at hand ---------------------------------

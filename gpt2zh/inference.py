@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import LEGACY_BUFFERS, attention_scale, check_weights_fit, load_pretrained, unreadable_weights
+from .model import LEGACY_BUFFERS, attention_scale, check_weights_fit, load_config, load_pretrained, unreadable_weights
 
 TANH_GELU = functools.partial(nn.GELU, approximate="tanh")  # gelu_new and gelu_fast compute it too
 ACTIVATIONS = {"gelu_new": TANH_GELU, "gelu_pytorch_tanh": TANH_GELU, "gelu_fast": TANH_GELU, "gelu": nn.GELU,
@@ -69,18 +69,17 @@ def as_saved_by_the_lm(state):
 
 
 def load_sampling_model(folder, config, flag="--model_path"):
-    """The model of a folder whose config is `config`, for sampling: SamplingGPT2 for one weights file, else
-    (sharded weights, an activation it does not know) transformers' GPT2LMHeadModel. Refuses weights that do not
-    fit the config, as load_pretrained does."""
-    folder = Path(folder)
-    if config.activation_function not in ACTIVATIONS:
-        return load_pretrained(folder, config, flag)
-    try:
-        state = read_weights(folder)
-    except Exception as error:  # noqa: BLE001 -- safetensors and torch.load raise many kinds for a damaged file
-        raise unreadable_weights(folder, flag, error) from None
+    """The model of a folder whose config is `config` (its config.json, read by load_config or sampling_config), for
+    sampling: SamplingGPT2 for one weights file, else (sharded weights, an activation it does not know)
+    transformers' GPT2LMHeadModel. Refuses weights that do not fit the config, as load_pretrained does."""
+    folder, state = Path(folder), None
+    if config.activation_function in ACTIVATIONS:
+        try:
+            state = read_weights(folder)
+        except Exception as error:  # noqa: BLE001 -- safetensors and torch.load raise many kinds for a damaged file
+            raise unreadable_weights(folder, flag, error) from None
     if state is None:
-        return load_pretrained(folder, config, flag)
+        return load_pretrained(folder, load_config(folder / "config.json", "the model's config"), flag)
     with torch.device("meta"):  # no random initialization of weights about to be replaced
         model = SamplingGPT2(config)
     state = as_saved_by_the_lm(state)

@@ -3,6 +3,7 @@ import json
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,39 @@ def load_config(path, what="model config"):
     transformers 2.x for the original GPT2-Chinese (no model_type)."""
     from transformers import GPT2Config
 
+    settings = read_settings(path, what)
+    n_ctx = settings.pop("n_ctx", None)
+    config = GPT2Config(**settings)
+    config.n_ctx = checked_context(path, n_ctx, config.n_positions)
+    return config
+
+
+# What sampling reads of a config: a file that names all of them needs none of GPT2Config's defaults.
+SAMPLING_SETTINGS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+                     "layer_norm_epsilon", "tie_word_embeddings", "scale_attn_weights",
+                     "scale_attn_by_inverse_layer_idx")
+
+
+def sampling_config(path, what="model config"):
+    """load_config's settings for sampling, read without importing transformers (a second of generate.py's start)
+    where the file names every setting sampling reads, as train.py's folders do; else load_config."""
+    settings = read_settings(path, what)
+    if not all(name in settings for name in SAMPLING_SETTINGS):
+        return load_config(path, what)
+    settings["n_ctx"] = checked_context(path, settings.get("n_ctx"), settings["n_positions"])
+    return SimpleNamespace(**settings)
+
+
+def checked_context(path, n_ctx, n_positions):
+    """The context length: the file's n_ctx (within n_positions), or else n_positions."""
+    if n_ctx is not None and n_ctx > n_positions:
+        raise UserError(f"{path}: n_ctx {n_ctx} exceeds n_positions {n_positions}")
+    return n_positions if n_ctx is None else n_ctx
+
+
+def read_settings(path, what):
+    """A GPT-2 config file's settings, the article markers' ids None unless given (GPT2Config's defaults are GPT-2's
+    own, 50256)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} not found; use --model_config config/model_config_small.json")
@@ -38,12 +72,7 @@ def load_config(path, what="model config"):
     model_type = settings.pop("model_type", "gpt2")  # transformers 2.x wrote none
     if model_type != "gpt2":
         raise UserError(f"{path}: describes a {model_type} model; this project trains and runs GPT-2 models only")
-    # GPT2Config's default token ids are GPT-2's own (50256); ours come from the vocabulary.
-    config = GPT2Config(**{"bos_token_id": None, "eos_token_id": None, **settings})
-    if "n_ctx" in settings and settings["n_ctx"] > config.n_positions:
-        raise UserError(f"{path}: n_ctx {settings['n_ctx']} exceeds n_positions {config.n_positions}")
-    config.n_ctx = settings.get("n_ctx", config.n_positions)
-    return config
+    return {"bos_token_id": None, "eos_token_id": None, **settings}
 
 
 # Buffers transformers 2.x kept in the state dict: today's GPT-2 builds its causal mask on the fly.
@@ -56,6 +85,7 @@ def load_pretrained(folder, config, flag):
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging
 
+    quiet_transformers()
     register_attention()
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the load report is judged below, in one line
@@ -103,9 +133,7 @@ def attention_scale(config, layer_index):
 
 def weight_out_in(layer):
     """A linear layer's weight as [out, in]: GPT-2's Conv1D keeps it as [in, out], nn.Linear as [out, in]."""
-    from transformers.pytorch_utils import Conv1D
-
-    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+    return layer.weight if isinstance(layer, torch.nn.Linear) else layer.weight.t()
 
 
 def dropout_mask(shape, p):

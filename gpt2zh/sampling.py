@@ -36,26 +36,58 @@ class SuppressIds:
 
 
 def make_logits_processors(temperature, top_k, top_p, repetition_penalty, suppress_ids):
-    """transformers' processors in its own order: penalties and bans first, then the warpers."""
-    from transformers import (
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
+    """The logits processors of these settings in transformers' order: penalties and bans first, then the warpers."""
     processors = Processors()
     if repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))  # CTRL's, sign-aware
+        processors.append(RepetitionPenalty(repetition_penalty))
     if suppress_ids:
         processors.append(SuppressIds(suppress_ids))
     if temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(temperature))
+        processors.append(lambda input_ids, scores: scores / temperature)
     if top_k > 0:
-        processors.append(TopKLogitsWarper(top_k))
+        processors.append(TopK(top_k))
     if 0 < top_p < 1:
-        processors.append(TopPLogitsWarper(top_p))
+        processors.append(TopP(top_p))
     return processors
+
+
+# transformers' RepetitionPenaltyLogitsProcessor, TopKLogitsWarper and TopPLogitsWarper compute the same (a test holds
+# them side by side); importing transformers.generation costs a second of generate.py's start.
+
+class RepetitionPenalty:
+    """CTRL's penalty on the tokens already in a row, sign-aware: a score below 0 times `penalty`, else divided by
+    it."""
+
+    def __init__(self, penalty):
+        self.penalty = penalty
+
+    def __call__(self, input_ids, scores):  # [B, T], [B, V]
+        score = scores.gather(1, input_ids)
+        return scores.scatter(1, input_ids, torch.where(score < 0, score * self.penalty, score / self.penalty))
+
+
+class TopK:
+    """Only the k highest scores of a row (and any tied with the k-th) kept."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def __call__(self, input_ids, scores):
+        kth = scores.topk(min(self.k, scores.shape[-1]))[0][:, -1:]  # [B, 1]
+        return scores.masked_fill(scores < kth, float("-inf"))
+
+
+class TopP:
+    """Nucleus sampling: the fewest most likely tokens whose probability reaches `p` kept (the most likely always)."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, input_ids, scores):
+        ascending, order = scores.sort()  # [B, V]
+        dropped = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - self.p
+        dropped[:, -1] = False
+        return scores.masked_fill(dropped.scatter(1, order, dropped), float("-inf"))
 
 
 class OccurrencePenalty:
@@ -144,7 +176,7 @@ class Writer:
                  kernel="auto", say=print):
         if device.type == "cpu" and kernel in ("auto", "bf16-cpp"):
             native_build.start_building()  # the compiler runs on another core while the model loads
-        config, self.tokenizer = open_model_folder(model_path, tokenizer_path)
+        config, self.tokenizer = open_model_folder(model_path, tokenizer_path, sampling=True)
         self.model = load_sampling_model(model_path, config)
         self.model.to(device, dtype=autocast_dtype(device, precision, fp16=False) or torch.float32).eval()
         self.device, self.n_ctx = device, context_length(self.model.config)

@@ -136,15 +136,30 @@ def for_gpt2(tokenizer, n_ctx=None):
     their embedding to its input), text decoded without spaces between characters, and `n_ctx` as
     model_max_length. Loaded again from a saved folder it stays so (a generic tokenizer class keeps
     tokenizer.json as it is; BertTokenizer would rebuild the [CLS] ... [SEP] template)."""
-    from tokenizers import Tokenizer, decoders, processors
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    missing = [t for t in SPECIAL_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)
-               and t != "[UNK]"]
-    if missing or tokenizer.unk_token_id is None:
-        raise UserError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: lacks the special tokens "
-                        f"{' '.join(missing or ['[UNK]'])}; it must be a BERT-style vocabulary")
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    check_specials(tokenizer.get_vocab(), getattr(tokenizer, "name_or_path", "the tokenizer"))
+    backend = fitted_backend(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))
+    limit = {"model_max_length": n_ctx} if n_ctx else {}
+    fitted = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                     sep_token="[SEP]", mask_token="[MASK]",
+                                     model_input_names=["input_ids", "attention_mask"], **limit)
+    fitted.segmented = holds_words(backend, fitted.get_vocab())
+    return fitted
+
+
+def check_specials(vocab, name):
+    missing = [token for token in SPECIAL_TOKENS if token not in vocab]
+    if missing:
+        raise UserError(f"{name}: lacks the special tokens {' '.join(missing)}; it must be a BERT-style vocabulary")
+
+
+def fitted_backend(backend):
+    """A tokenizers.Tokenizer as for_gpt2 fits it: nothing added around a text, the markers decoded as line breaks
+    and, for a BERT-style vocabulary, word pieces joined without spaces."""
+    from tokenizers import decoders, processors
+
     backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
     markers = [decoders.Replace("[SEP]", "\n"), decoders.Replace("[CLS]", "\n\n"), decoders.Replace("[MASK]", "")]
     if is_byte_level(backend):  # GPT-2's BPE files: tokens are bytes, written as GPT-2's byte alphabet
@@ -153,12 +168,47 @@ def for_gpt2(tokenizer, n_ctx=None):
         backend.decoder = decoders.Sequence(markers + [decoders.Metaspace(replacement=SPACE, prepend_scheme="never")])
     else:
         backend.decoder = decoders.Sequence(markers + [decoders.Replace("##", ""), decoders.Fuse()])
-    limit = {"model_max_length": n_ctx} if n_ctx else {}
-    fitted = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                     sep_token="[SEP]", mask_token="[MASK]",
-                                     model_input_names=["input_ids", "attention_mask"], **limit)
-    fitted.segmented = not is_bpe(backend) and any(map(is_hanzi_word, fitted.get_vocab()))
-    return fitted
+    return backend
+
+
+def holds_words(backend, vocab):
+    """Whether a vocabulary is a word vocabulary (is_segmented)."""
+    return not is_bpe(backend) and any(map(is_hanzi_word, vocab))
+
+
+class SavedTokenizer:
+    """A model folder's tokenizer.json read with the tokenizers library alone, fitted as for_gpt2 fits it, and the
+    calls the sampler makes of a transformers tokenizer: generate.py and the servers never import transformers
+    (1.2 s of generate.py's 3 s before its first character)."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer
+
+        self.backend_tokenizer = fitted_backend(Tokenizer.from_file(str(path)))
+        self.name_or_path = str(Path(path).parent)
+        self.vocab = self.backend_tokenizer.get_vocab(with_added_tokens=True)
+        check_specials(self.vocab, self.name_or_path)
+        self.unk_token_id, self.pad_token_id = self.vocab["[UNK]"], self.vocab["[PAD]"]
+        self.segmented = holds_words(self.backend_tokenizer, self.vocab)
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def __call__(self, texts, add_special_tokens=False):
+        encodings = self.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return {"input_ids": [encoding.ids for encoding in encodings]}
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def convert_tokens_to_ids(self, token):
+        return self.vocab.get(token, self.unk_token_id)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.backend_tokenizer.id_to_token(i) for i in ids]
+
+    def decode(self, ids):
+        return self.backend_tokenizer.decode(ids, skip_special_tokens=False)
 
 
 SPACE = "\u2581"  # how a BPE vocabulary writes a space
@@ -218,12 +268,15 @@ def build_bpe(articles, vocab_size):
     return tokenizer
 
 
-def folder_tokenizer(folder):
+def folder_tokenizer(folder, sampling=False):
     """The tokenizer saved in a model folder (ours: tokenizer.json; the Hugging Face layout: tokenizer.json, or
-    vocab.txt with or without a tokenizer_config.json), or None if the folder has no vocabulary."""
+    vocab.txt with or without a tokenizer_config.json), or None if the folder has no vocabulary. `sampling`: a
+    tokenizer.json as a SavedTokenizer (only the calls sampling makes; nothing to save or train with)."""
+    folder = Path(folder)
+    if sampling and (folder / "tokenizer.json").is_file():
+        return SavedTokenizer(folder / "tokenizer.json")
     from transformers import AutoTokenizer, BertTokenizer
 
-    folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
         return for_gpt2(AutoTokenizer.from_pretrained(folder))
     if (folder / "vocab.txt").is_file():

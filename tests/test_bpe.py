@@ -2,7 +2,7 @@
 import json
 import re
 
-from conftest import STORY, TINY_CONFIG, run, train_args
+from conftest import ROOT, STORY, TINY_CONFIG, run, train_args
 
 from gpt2zh.articles import TextStream, encode_articles, ids_to_text
 from gpt2zh.vocab import build_bpe, for_gpt2, is_bpe
@@ -130,3 +130,52 @@ def test_gpt2_bpe_file_mistakes_are_explained(prepared):
     for flags, message in cases:
         result = run("train.py", *train_args(**{"--tokenizer_path": None}), "--raw", *flags, cwd=prepared, check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, flags
+
+
+def test_a_saved_tokenizer_reads_every_kind_of_tokenizer_json_as_transformers_does(tmp_path):
+    """Sampling reads a folder's tokenizer.json with the tokenizers library alone (generate.py starts without
+    transformers): for a character vocabulary, a word vocabulary, our BPE and GPT-2's byte-level BPE, saved as train.py
+    saves them, the same vocabulary, special ids and kind of vocabulary as transformers' tokenizer, the same ids of a
+    prefix (markers, a line break, English, a character not in the vocabulary) and the same text of ids, whole and
+    streamed."""
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    from gpt2zh.articles import encode_prefix
+    from gpt2zh.vocab import (
+        SavedTokenizer,
+        folder_tokenizer,
+        is_byte_level,
+        is_segmented,
+        load_gpt2_bpe,
+        load_tokenizer,
+        read_vocab,
+    )
+
+    characters = ROOT / "cache" / "vocab_small.txt"
+
+    words = tmp_path / "words.txt"
+    words.write_text("".join(t + "\n" for t in [*read_vocab(characters), "小明", "河边", "读书"]), encoding="utf-8")
+    tokenizers = {"characters": load_tokenizer(characters), "words": load_tokenizer(words),
+                  "bpe": bpe(STORY.split("第二回")),
+                  "gpt2 bpe": for_gpt2(PreTrainedTokenizerFast(tokenizer_object=load_gpt2_bpe(
+                      *write_gpt2_bpe_files(tmp_path)), unk_token="[UNK]"))}
+    prefix = "[CLS]小明每天早上都到河边读书。\n他说 Hello World，龍叫了三声。"
+    for kind, tokenizer in tokenizers.items():
+        tokenizer.save_pretrained(tmp_path / kind)
+        theirs, ours = folder_tokenizer(tmp_path / kind), folder_tokenizer(tmp_path / kind, sampling=True)
+        assert isinstance(ours, SavedTokenizer), kind
+        assert ours.get_vocab() == theirs.get_vocab() and len(ours) == len(theirs), kind
+        assert (ours.unk_token_id, ours.pad_token_id) == (theirs.unk_token_id, theirs.pad_token_id), kind
+        assert [f(ours) for f in (is_bpe, is_byte_level, is_segmented)] == \
+               [f(theirs) for f in (is_bpe, is_byte_level, is_segmented)], kind
+        for token in ("[SEP]", "no such token"):
+            assert ours.convert_tokens_to_ids(token) == theirs.convert_tokens_to_ids(token), (kind, token)
+        ids = encode_prefix(theirs, prefix)
+        assert encode_prefix(ours, prefix) == ids and encode_prefix(ours, prefix, True) == encode_prefix(
+            theirs, prefix, True), kind
+        ids += torch.randint(0, len(ours), (40,), generator=torch.Generator().manual_seed(0)).tolist()
+        assert ids_to_text(ours, ids) == ids_to_text(theirs, ids), kind
+        stream = TextStream(ours, ids[:3])
+        assert stream.text + "".join(stream.push(i) for i in ids[3:]) == ids_to_text(theirs, ids), kind
+    assert is_segmented(tokenizers["words"]) and is_byte_level(tokenizers["gpt2 bpe"])

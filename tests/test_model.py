@@ -24,6 +24,33 @@ def test_seed_config_has_the_seed_parameter_count():
     assert count_parameters(model) == 81894144
 
 
+def test_sampling_reads_a_full_config_as_gpt2config_does_and_leaves_a_partial_one_to_it(tmp_path):
+    """sampling_config (generate.py's start without transformers) gives every setting sampling reads as load_config
+    does for a config that names them all (train.py writes all of them); one that leaves some to GPT2Config's defaults
+    (the original's, some released models') is read by GPT2Config; both refuse an n_ctx past n_positions."""
+    import json
+
+    from transformers import GPT2Config
+
+    from gpt2zh.errors import UserError
+    from gpt2zh.model import SAMPLING_SETTINGS, sampling_config
+
+    full = tmp_path / "full.json"
+    GPT2Config(**{**json.loads(TINY_CONFIG.read_text()), "bos_token_id": 4, "eos_token_id": 2}).to_json_file(full)
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"n_embd": 32, "n_head": 2, "n_layer": 2, "vocab_size": 60, "n_ctx": 48}))
+    for path in (full, partial, TINY_CONFIG):
+        expected, read = load_config(path), sampling_config(path)
+        assert isinstance(read, GPT2Config) == (path != full), path
+        for name in (*SAMPLING_SETTINGS, "n_ctx", "bos_token_id", "eos_token_id"):
+            assert getattr(read, name) == getattr(expected, name), (path, name)
+    too_long = tmp_path / "too_long.json"
+    too_long.write_text(json.dumps({**json.loads(full.read_text()), "n_ctx": 2048}))
+    for read in (load_config, sampling_config):
+        with pytest.raises(UserError, match="n_ctx 2048 exceeds n_positions"):
+            read(too_long)
+
+
 def test_dropout_mask_keeps_the_right_share():
     keep, keep_prob = dropout_mask((2000, 1000), 0.1)
     assert abs(keep_prob - 0.9) < 1e-4
