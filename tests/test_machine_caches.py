@@ -2,6 +2,7 @@
 execute, so a cache directory that travels to another CPU can neither crash a run nor change its numbers."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -85,7 +86,9 @@ def test_a_trial_never_changes_a_run(prepared, tmp_path):
     """The same command gives the same weights whether this machine times its attention kernels now or remembers
     them, and a first-ever run interrupted and resumed (the resumed process finding an empty cache, as on another
     machine) ends where the uninterrupted one does: trials draw from no random state the run uses, and the kernel a
-    run chose goes into its checkpoint."""
+    run chose goes into its checkpoint. (Two first-ever runs on a noisy machine may choose different kernels, which
+    draw the dropout masks in other blocks: the interrupted run is then held against the uninterrupted one with its
+    kernel.)"""
     config = prepared / "context_128.json"  # long enough for two attention-dropout kernels to be timed
     config.write_text((ROOT / "config" / "model_config_tiny.json").read_text().replace("32,", "128,"))
     flags = train_args(**{"--epochs": 2, "--batch_size": 2, "--log_step": 1, "--model_config": config,
@@ -97,7 +100,9 @@ def test_a_trial_never_changes_a_run(prepared, tmp_path):
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, "--output_dir", "interrupted"],
                                cwd=prepared, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, **caches["second"]})
+    interrupted = ""
     for line in process.stdout:
+        interrupted += line
         if "step 5/" in line:
             process.send_signal(signal.SIGINT)
             break
@@ -106,6 +111,10 @@ def test_a_trial_never_changes_a_run(prepared, tmp_path):
     resumed = run("train.py", *flags, "--output_dir", "interrupted", "--resume", cwd=prepared,
                   env=caches["third"]).stdout
     assert "as the run being resumed chose" in resumed and "measured now" not in resumed
+    chosen = [re.search(r"attention-dropout kernel: (blocked-\d+)", out).group(1) for out in (measured, interrupted)]
+    if chosen[0] != chosen[1]:
+        run("train.py", *flags, "--output_dir", "measured", "--overwrite", "--attention_kernel", chosen[1],
+            cwd=prepared, env=caches["first"])
     expected = weights(prepared / "measured")
     for folder in ("remembered", "interrupted"):
         got = weights(prepared / folder)
