@@ -27,9 +27,13 @@ def quiet_transformers():
 def load_config(path, what="model config"):
     """A GPT2Config from a JSON file: ours, a model folder's config.json in today's layout, or one written by
     transformers 2.x for the original GPT2-Chinese (no model_type)."""
+    return gpt2_config(path, read_settings(path, what))
+
+
+def gpt2_config(path, settings):
+    """A GPT2Config of a config file's settings (read_settings'), n_ctx checked against n_positions."""
     from transformers import GPT2Config
 
-    settings = read_settings(path, what)
     n_ctx = settings.pop("n_ctx", None)
     config = GPT2Config(**settings)
     config.n_ctx = checked_context(path, n_ctx, config.n_positions)
@@ -47,7 +51,7 @@ def sampling_config(path, what="model config"):
     where the file names every setting sampling reads, as train.py's folders do; else load_config."""
     settings = read_settings(path, what)
     if not all(name in settings for name in SAMPLING_SETTINGS):
-        return load_config(path, what)
+        return gpt2_config(path, settings)
     settings["n_ctx"] = checked_context(path, settings.get("n_ctx"), settings["n_positions"])
     return SimpleNamespace(**settings)
 
