@@ -166,7 +166,7 @@ def continue_prefix(writer, prefix, length, processors, seed, args, tally, sampl
 def main():
     args = parse_args()
     validate(args)
-    if args.sampling_kernel in ("auto", "bf16-cpp"):  # before torch is known to find a GPU: a build is kept anyway
+    if args.sampling_kernel == "auto" or args.sampling_kernel.endswith("-cpp"):  # before torch finds a GPU: kept anyway
         from gpt2zh.native_build import start_building
 
         start_building()  # the C++ step's compiler on one core while torch is imported on the other

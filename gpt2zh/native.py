@@ -21,11 +21,18 @@ def supports(model):
             and model.config.activation_function in ACTIVATIONS)
 
 
+ARITHMETIC = ("the compiler's portable vectors", "AVX2 with FMA", "AVX-512", "AVX512-BF16 pair dot products")
+
+
 def arithmetic():
     """How the built step multiplies on this CPU (for benchmarks' reports)."""
-    if library().gpt2_decode_pair_dot_in_bf16():
-        return "AVX512-BF16 pair dot products"
-    return "fp32 vectors (no AVX512-BF16)"
+    return ARITHMETIC[library().gpt2_decode_arithmetic()]
+
+
+def in_intrinsics():
+    """Whether the step is written in this CPU's vector instructions (AVX2 or AVX-512), where the PyTorch kernels
+    were measured to lose to it (decoding.WITHOUT_A_COMPILER), or in the compiler's portable vectors (ARM, say)."""
+    return library().gpt2_decode_arithmetic() > 0
 
 
 def fp32(tensor):
@@ -42,14 +49,22 @@ def packed_linear(layer, weights):
     return [pack(weight), None, bias]
 
 
+def source(weight):
+    """A weight as the C++ packers read it: (bf16 or fp32 weight, whether bf16)."""
+    if weight.dtype != torch.bfloat16:
+        weight = weight.float()
+    return weight, weight.dtype == torch.bfloat16
+
+
 def pack(weight):
-    """A weight [in, out] as decode_step.cpp reads bf16 ones: zero-padded to whole input pairs and tiles of 16
-    outputs, [tiles, input pairs, 16, 2]."""
+    """A weight [in, out] as decode_step.cpp reads bf16 ones, packed by the C++ side in one pass: zero-padded to whole
+    input pairs and tiles of 16 outputs, [tiles, input pairs, 16, 2] bf16."""
+    weight, is_bf16 = source(weight)
     inputs, outputs = weight.shape
-    pairs, tiles = -(-inputs // 2), -(-outputs // 16)
-    result = torch.zeros(2 * pairs, 16 * tiles, dtype=torch.bfloat16)
-    result[:inputs, :outputs] = weight
-    return result.view(pairs, 2, tiles, 16).permute(2, 0, 3, 1).contiguous()  # [T, P, 16, 2]
+    packed = torch.empty(-(-outputs // 16), -(-inputs // 2), 16, 2, dtype=torch.bfloat16)
+    library().gpt2_pack_bf16(inputs, outputs, weight.data_ptr(), is_bf16, weight.stride(0), weight.stride(1),
+                             packed.data_ptr(), torch.get_num_threads())
+    return packed
 
 
 def quantized(x, levels):
@@ -66,12 +81,12 @@ def pack_int8(weight):
     """A weight [in, out] as decode_step.cpp reads int8 ones, and the scale of each output: each output's inputs
     rounded as `quantized` rounds them to 127 levels (weight ~ int8 * scale), packed by the C++ side in one pass
     ([tiles of 16 outputs, input quads, 16, 4] uint8, int8 + 128; [out] fp32)."""
-    weight = weight.float()
+    weight, is_bf16 = source(weight)
     inputs, outputs = weight.shape
     packed = torch.empty(-(-outputs // 16), -(-inputs // 4), 16, 4, dtype=torch.uint8)
     scales = torch.empty(outputs)
-    library().gpt2_pack_int8(inputs, outputs, weight.data_ptr(), weight.stride(0), weight.stride(1), packed.data_ptr(),
-                             scales.data_ptr(), torch.get_num_threads())
+    library().gpt2_pack_int8(inputs, outputs, weight.data_ptr(), is_bf16, weight.stride(0), weight.stride(1),
+                             packed.data_ptr(), scales.data_ptr(), torch.get_num_threads())
     return packed, scales
 
 

@@ -17,10 +17,12 @@ from .cpu import cpu_features
 from .errors import UserError
 from .fileio import cache_dir, write_json_atomic
 
-SOURCE = Path(__file__).with_name("decode_step.cpp")
+# two translation units and their header, compiled side by side (a core each) then linked
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_step.cpp", "decode_attention.cpp")]
+HEADER = Path(__file__).with_name("decode_step.h")
 # -fno-trapping-math: floating-point exceptions are never looked at, so the compiler may turn the comparisons of
 # exp_approx's clamp and softmax's maximum into vector instructions (the softmax and GELU loops stayed scalar)
-FLAGS = ["-O3", "-std=c++17", "-fno-trapping-math", "-shared", "-fPIC", "-Wno-psabi"]
+FLAGS = ["-O3", "-std=c++17", "-fno-trapping-math", "-fPIC", "-Wno-psabi"]
 OPENMP = "-fopenmp"
 # the compiler's macros for the instruction sets it targets, as the CPU's flags name them (cpu.ISA_FLAGS)
 TARGET_MACROS = {"__SSE4_2__": "sse4_2", "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c",
@@ -62,21 +64,31 @@ def compiler_version(command):
 
 
 def build(command, path, march=None):
-    """Compile decode_step.cpp to `path` for architecture_flag(march), with OpenMP where the compiler has it (macOS's
-    clang has none: then one thread). Returns whether OpenMP is in; raises UserError with the compiler's first
-    error."""
+    """Compile decode_step.cpp and decode_attention.cpp to `path` for architecture_flag(march), with OpenMP where the
+    compiler has it (macOS's clang has none: then one thread). Returns whether OpenMP is in; raises UserError with the
+    compiler's first error."""
     errors = []
     for flags in ([*FLAGS, OPENMP], FLAGS):
         partial = path.with_suffix(f".{os.getpid()}.tmp")
-        built = subprocess.run([command, *flags, architecture_flag(march), str(SOURCE), "-o", str(partial)],
-                               capture_output=True, text=True)
-        if built.returncode == 0:
+        objects = [partial.with_suffix(f".{source.stem}.o") for source in SOURCES]
+        jobs = [subprocess.Popen([command, *flags, architecture_flag(march), "-c", str(source), "-o", str(obj)],
+                                 stderr=subprocess.PIPE, text=True)
+                for source, obj in zip(SOURCES, objects, strict=True)]
+        messages = [job.communicate()[1] for job in jobs]
+        failed = [message for job, message in zip(jobs, messages, strict=True) if job.returncode != 0]
+        if not failed:
+            linked = subprocess.run([command, *flags, "-shared", *map(str, objects), "-o", str(partial)],
+                                    capture_output=True, text=True)
+            failed = [linked.stderr] if linked.returncode != 0 else []
+        for obj in objects:
+            obj.unlink(missing_ok=True)
+        if not failed:
             os.replace(partial, path)
             return OPENMP in flags
         partial.unlink(missing_ok=True)
-        lines = built.stderr.strip().splitlines() or ["(no message)"]
+        lines = failed[0].strip().splitlines() or ["(no message)"]
         errors.append(next((line for line in lines if "error" in line), lines[0])[:200])
-    raise UserError(f"`{command}` could not build {SOURCE.name}: {errors[0]}")
+    raise UserError(f"`{command}` could not build {SOURCES[0].name}: {errors[0]}")
 
 
 def built_for(note):
@@ -116,9 +128,13 @@ def settle(future):
         future.set_exception(error)
 
 
+def source_text():
+    return "\n".join(source.read_text(encoding="utf-8") for source in [HEADER, *SOURCES])
+
+
 def source_version():
-    """A short digest of decode_step.cpp: the kernel trial's timings of other code are not this code's."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    """A short digest of the C++ step's code: the kernel trial's timings of other code are not this code's."""
+    return hashlib.sha256(source_text().encode()).hexdigest()[:12]
 
 
 def build_and_load():
@@ -129,10 +145,10 @@ def build_and_load():
     if shutil.which(command) is None:
         raise UserError(f"no C++ compiler: `{command}` is not on PATH (set CXX to one)")
     features = target_features(command)
-    key = hashlib.sha256("\n".join([SOURCE.read_text(encoding="utf-8"), command, compiler_version(command), *FLAGS,
+    key = hashlib.sha256("\n".join([source_text(), command, compiler_version(command), *FLAGS,
                                     architecture_flag(), *sorted(features), platform.machine()]).encode()).hexdigest()
     if not features <= cpu_features():
-        raise UserError(f"{architecture_flag()} builds {SOURCE.name} for {', '.join(sorted(features - cpu_features()))}"
+        raise UserError(f"{architecture_flag()} builds the C++ step for {', '.join(sorted(features - cpu_features()))}"
                         f", which this CPU lacks; unset GPT2ZH_MARCH")
     path = cache_dir() / f"decode_step-{key[:16]}.so"
     note = path.with_suffix(".json")
@@ -145,7 +161,10 @@ def build_and_load():
     c_int, c_float, pointer = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     lib.gpt2_decode_step.argtypes = [c_int] * 10 + [c_float] + [pointer] * 5
     lib.gpt2_decode_step.restype = None
-    lib.gpt2_decode_pair_dot_in_bf16.restype = c_int
-    lib.gpt2_pack_int8.argtypes = [c_int, c_int, pointer, ctypes.c_int64, ctypes.c_int64, pointer, pointer, c_int]
+    lib.gpt2_decode_arithmetic.restype = c_int
+    c_int64 = ctypes.c_int64
+    lib.gpt2_pack_int8.argtypes = [c_int, c_int, pointer, c_int, c_int64, c_int64, pointer, pointer, c_int]
     lib.gpt2_pack_int8.restype = None
+    lib.gpt2_pack_bf16.argtypes = [c_int, c_int, pointer, c_int, c_int64, c_int64, pointer, c_int]
+    lib.gpt2_pack_bf16.restype = None
     return lib

@@ -174,7 +174,7 @@ class Writer:
 
     def __init__(self, model_path, tokenizer_path=None, device=CPU, precision="auto", rows=1,
                  kernel="auto", say=print):
-        if device.type == "cpu" and kernel in ("auto", "bf16-cpp"):
+        if device.type == "cpu" and (kernel == "auto" or kernel.endswith("-cpp")):
             native_build.start_building()  # the compiler runs on another core while the model loads
         config, self.tokenizer = open_model_folder(model_path, tokenizer_path, sampling=True)
         self.model = load_sampling_model(model_path, config)

@@ -113,7 +113,8 @@ sys.argv = ["generate.py", "--model_path", "no_such_model", *sys.argv[2:]]
 import generate
 generate.run_cli(generate.main)
 """
-    for flags, started in (([], True), (["--sampling_kernel", "fp32-sdpa"], False)):
+    for flags, started in (([], True), (["--sampling_kernel", "int8-cpp"], True),
+                           (["--sampling_kernel", "fp32-sdpa"], False)):
         result = subprocess.run([sys.executable, "-c", script, str(ROOT), *flags], capture_output=True, text=True,
                                 cwd=tmp_path, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)}, timeout=600)
         assert result.returncode == 2 and "no_such_model: does not exist" in result.stderr, result.stderr

@@ -296,6 +296,24 @@ def test_int8_weights_are_packed_as_rounding_them_in_pytorch_and_laying_them_out
         assert torch.equal(scales, scale[:, 0])
 
 
+def test_bf16_weights_are_packed_as_laying_them_out_in_pytorch_would():
+    """gpt2_pack_bf16 against PyTorch, bit for bit: the weight rounded by .to(torch.bfloat16), zero-padded to whole
+    input pairs and tiles of 16 outputs, laid out [tiles, pairs, 16, 2]; from fp32 (contiguous [in, out], a transposed
+    view, odd sizes, values halfway between two bf16 numbers: rounded to even; infinities) and from bf16 weights."""
+    from gpt2zh.native import pack
+
+    torch.manual_seed(0)
+    out_in = torch.randn(45, 37)
+    out_in[3, :4] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, float("inf"), -float("inf")])  # two ties, infinities
+    for weight in (out_in.t().contiguous(), out_in.t(), torch.randn(300, 200).to(torch.bfloat16), torch.randn(64, 32)):
+        inputs, outputs = weight.shape
+        expected = torch.zeros(-(-inputs // 2) * 2, -(-outputs // 16) * 16, dtype=torch.bfloat16)
+        expected[:inputs, :outputs] = weight
+        expected = expected.view(-1, 2, expected.shape[1] // 16, 16).permute(2, 0, 3, 1)  # [tiles, pairs, 16, 2]
+        packed = pack(weight)
+        assert torch.equal(packed.view(torch.int16), expected.view(torch.int16)), (weight.shape, weight.stride())
+
+
 def quantized_as_the_int8_step(model):
     """An fp32 copy of `model` whose linear layers compute as int8-cpp's do: the weights rounded to int8 with a scale
     per output (as native.pack_int8), each input row to -63..63 with its own scale (decode_step.cpp's quantize_rows);
@@ -459,6 +477,23 @@ def test_a_kernel_far_behind_after_a_round_sits_the_later_rounds_out(monkeypatch
     assert timings["slow"] > 3 * timings["fast"]
 
 
+def test_the_pytorch_kernels_behind_the_cpp_step_are_timed_only_where_it_is_not_in_intrinsics(monkeypatch):
+    """Where the C++ step is written in the CPU's vector instructions (AVX2, AVX-512) the trial leaves out the
+    PyTorch kernels measured to lose to it there; where it is in portable vectors (ARM) it times every candidate."""
+    from gpt2zh import decoding, native
+
+    kernels = {kernel.name: kernel for kernel in decoding.CANDIDATES}
+    monkeypatch.setattr(decoding, "kernel_candidates", lambda model: kernels)
+    monkeypatch.setattr(decoding, "rewind", lambda cache, length: None)
+    monkeypatch.setattr(decoding, "prepare_entrant", lambda model, kernel, rows, keys, linears, caches: (
+        SleepingStep(0.0), None, 0.0))
+    for in_intrinsics, expected in ((True, set(kernels) - decoding.BEHIND_THE_CPP_STEP), (False, set(kernels))):
+        monkeypatch.setattr(native, "in_intrinsics", lambda answer=in_intrinsics: answer)
+        timings = decoding.measure_kernels(torch.nn.Linear(2, 2), rows=1, keys=8, run_steps=100, rounds=1, steps=1)
+        assert set(timings) == expected
+    assert {"bf16-cpp", "int8-cpp", "bf16-sdpa+packed"} <= set(kernels) - decoding.BEHIND_THE_CPP_STEP
+
+
 def test_a_writer_starts_the_cpp_build_before_it_loads_the_model(trained, tmp_path, monkeypatch):
     """The compiler runs while the model loads (a first run on a machine); a forced PyTorch kernel builds nothing."""
     from gpt2zh import native_build, sampling
@@ -468,8 +503,9 @@ def test_a_writer_starts_the_cpp_build_before_it_loads_the_model(trained, tmp_pa
     monkeypatch.setattr(native_build, "start_building", lambda: events.append("build"))
     monkeypatch.setattr(sampling, "open_model_folder",
                         lambda *args, **kwargs: events.append("load") or load(*args, **kwargs))
-    sampling.Writer(trained / "model" / "final_model", say=lambda line: None)
-    assert events == ["build", "load"]
-    events.clear()
+    for kernel in ("auto", "int8-cpp"):
+        sampling.Writer(trained / "model" / "final_model", kernel=kernel, say=lambda line: None)
+        assert events == ["build", "load"]
+        events.clear()
     sampling.Writer(trained / "model" / "final_model", kernel="fp32-sdpa", say=lambda line: None)
     assert events == ["load"]
