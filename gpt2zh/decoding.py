@@ -316,14 +316,15 @@ def prepare_entrant(model, kernel, rows, keys, linears, caches):
 FAR_BEHIND = 1.5  # a candidate this many times slower than the fastest after a round runs no more rounds
 
 
-def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=3, say=print):
+def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=3, say=print, prepared=None):
     """{name: seconds a step} of every candidate kernel, stepping `rows` tokens over a cache already holding `keys`
     tokens, plus its set-up spread over `run_steps` steps (the C++ step's build is not counted: it is kept per
     machine). The candidates take turns for `rounds` rounds of `steps` steps, so that a neighbour's burst of work on
     a shared machine slows all of them alike, and each is given its median step: what a run's steps take (the
     fastest of a few promised too little). One FAR_BEHIND the fastest after a round sits the later rounds out: it
     cannot win, and its steps are the trial's longest. A candidate that cannot run here (no C++ compiler) is left
-    out, in one line; so are those BEHIND_THE_CPP_STEP where it is written in this CPU's vector instructions."""
+    out, in one line; so are those BEHIND_THE_CPP_STEP where it is written in this CPU's vector instructions.
+    `prepared` (a dict), when given, receives each candidate's step by name, ready for a run of `rows` rows."""
     ids = torch.full((rows,), 5, dtype=torch.long, device=next(model.parameters()).device)
     linears, caches, entrants = {}, {}, {}
     candidates = kernel_candidates(model)
@@ -347,15 +348,18 @@ def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=3, say=print):
                 rewind(cache, keys)
         best = min(statistics.median(times[name]) for name in racing)
         racing = {name: entry for name, entry in racing.items() if statistics.median(times[name]) <= FAR_BEHIND * best}
+    if prepared is not None:
+        prepared.update((name, step) for name, (step, _, _) in entrants.items())
     typical = {name: statistics.median(seconds) for name, seconds in times.items()}
     return {name: typical[name] + max(setup - 2 * typical[name], 0.0) / run_steps
             for name, (_, _, setup) in entrants.items()}
 
 
-def choose_kernel(model, rows, keys, forced="auto", say=print):
+def choose_kernel(model, rows, keys, forced="auto", say=print, prepared=None):
     """The sampling kernel `forced` names, or with "auto" the fastest on this machine: measured once on the
     model's shapes (`rows` samples, a cache of `keys` tokens; set-up costs spread over a window of n_ctx steps) and
-    remembered (kernel_trials) until the C++ step's code changes."""
+    remembered (kernel_trials) until the C++ step's code changes. A trial that runs fills `prepared` (a dict, when
+    given) with the candidates' steps (measure_kernels)."""
     candidates = kernel_candidates(model)
     config, weights = model.config, next(model.parameters())
     shape = (f"{config.n_layer} layers x {config.n_embd} x {config.n_head} heads, vocab {config.vocab_size}, "
@@ -363,7 +367,8 @@ def choose_kernel(model, rows, keys, forced="auto", say=print):
     if any(kernel.attention == "cpp" for kernel in candidates.values()):  # measured again when the C++ code changes
         shape += f" | decode_step.cpp {native_build.source_version()}"
     chosen = kernel_trials.choose("sampling kernel", "--sampling_kernel", forced, candidates, shape,
-                                  lambda: measure_kernels(model, rows, keys, context_length(config), say=say),
+                                  lambda: measure_kernels(model, rows, keys, context_length(config), say=say,
+                                                          prepared=prepared),
                                   "a step", say)
     return candidates[chosen]
 

@@ -189,12 +189,15 @@ class Writer:
         """The DecodeStep for `rows` rows at a time: what is fastest for one row (fp16 linear layers on a Zen 4)
         is the slowest for ten."""
         if rows not in self.steps:
-            chosen = (choose_kernel(self.model, rows, self.n_ctx // 2, self.kernel, self.say)
+            prepared = {}  # a trial's steps: the chosen one is used, not packed again
+            chosen = (choose_kernel(self.model, rows, self.n_ctx // 2, self.kernel, self.say, prepared)
                       if self.device.type == "cpu" else None)
             # the C++ step takes any number of rows: one copy of its packed weights serves them all
             shared = [step for step in self.steps.values() if step.kernel == chosen]
             if chosen and chosen.attention == "cpp" and shared:
                 self.steps[rows] = shared[0]
+            elif chosen and chosen.name in prepared:
+                self.steps[rows] = prepared[chosen.name]
             else:
                 self.steps[rows] = decode_step(self.model, chosen, rows)
         return self.steps[rows]

@@ -399,6 +399,22 @@ def test_a_writer_chooses_a_kernel_for_each_number_of_rows_it_writes(trained, tm
     assert native.steps[1] is native.steps[2]  # one copy of the packed weights for every number of rows
 
 
+def test_a_writer_samples_with_the_step_its_trial_prepared(trained, tmp_path, monkeypatch):
+    """A first run's trial has already packed the chosen kernel's weights: the Writer steps with the trial's step
+    instead of packing them again, and writes what a Writer that remembered the choice writes."""
+    from gpt2zh import sampling
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built, build = [], sampling.decode_step
+    monkeypatch.setattr(sampling, "decode_step", lambda *args: built.append(args[1].name) or build(*args))
+    first = sampling.Writer(trained / "model" / "final_model", say=lambda line: None)
+    assert built == []
+    again = sampling.Writer(trained / "model" / "final_model", say=lambda line: None)
+    assert built == [first.steps[1].kernel.name] == [again.steps[1].kernel.name]
+    processors = first.processors(1.0, 8, 0, 1.0)
+    assert first.write([4, 100], 12, 1, processors, seed=3) == again.write([4, 100], 12, 1, processors, seed=3)
+
+
 def test_a_writer_of_our_folders_never_imports_transformers(trained, tmp_path):
     """Importing transformers took 1.2 of the 3 s before generate.py's first character (GPT2LMHeadModel 1.8 more,
     before gpt2zh.inference): a Writer of one of our folders reads its config and tokenizer, samples with every logits
