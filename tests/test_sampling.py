@@ -465,6 +465,34 @@ def test_a_compiler_that_fails_is_named_with_its_first_error(tmp_path, monkeypat
     assert not list((tmp_path / "cache").rglob("*.so")) and not list((tmp_path / "cache").rglob("*.tmp"))
 
 
+def test_a_compiler_without_openmp_builds_both_halves_without_it(tmp_path, monkeypatch):
+    """macOS's clang has no -fopenmp: the two halves of the C++ step are built again without it (one thread), linked
+    and loaded, and pack weights as the OpenMP build does; the build's note says so, and no object file is left."""
+    import json
+
+    from gpt2zh import native, native_build
+
+    compiler = tmp_path / "clang-without-openmp"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && '
+                        '{ echo "clang: error: unsupported option \'-fopenmp\'" >&2; exit 1; }; done\n'
+                        f'exec {native_build.compiler()} "$@"\n')
+    compiler.chmod(0o755)
+    weight = torch.randn(37, 45)
+    expected = native.pack(weight), native.pack_int8(weight)  # this machine's OpenMP build
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    native_build.building.cache_clear()
+    try:
+        packed, (levels, scales) = native.pack(weight), native.pack_int8(weight)
+    finally:
+        native_build.building.cache_clear()
+    assert torch.equal(packed.view(torch.int16), expected[0].view(torch.int16))
+    assert torch.equal(levels, expected[1][0]) and torch.equal(scales, expected[1][1])
+    (note,) = (tmp_path / "cache").rglob("decode_step-*.json")
+    assert json.loads(note.read_text())["openmp"] is False
+    assert sorted(path.suffix for path in (tmp_path / "cache" / "gpt2zh").iterdir()) == [".json", ".so"]  # no .o left
+
+
 class SleepingStep:
     """A stand-in kernel's step taking `seconds`, counting its calls."""
 
