@@ -128,6 +128,7 @@ def settle(future):
         future.set_exception(error)
 
 
+@functools.cache  # read once a process: the build key and every trial's key use it
 def source_text():
     return "\n".join(source.read_text(encoding="utf-8") for source in [HEADER, *SOURCES])
 
