@@ -2,7 +2,10 @@
 with ctypes, one call a step. Two candidates of the sampling-kernel trial: "bf16-cpp" and "int8-cpp" (int8 weights,
 and each linear layer's inputs quantized as it runs); where no C++ compiler with OpenMP works, the trial leaves them
 out and asking for one says why."""
+import collections
 import ctypes
+import statistics
+import time
 
 import torch
 
@@ -90,6 +93,50 @@ def pack_int8(weight):
     return packed, scales
 
 
+class ThreadCount:
+    """How many threads the C++ step runs on: torch's thread count, or one. Its ~20 parallel regions a step each wait
+    for every thread; when other programs keep the cores busy, a thread that shares its core with a waiting one
+    (OpenMP waits by spinning) can cost a scheduler slice a region: 408 ms a step of the seed config where two cores
+    take 4 (docs/BENCHMARKS.md, "The C++ step on a busy machine"). Each step is timed; a count's time is the median
+    of its last TRIES steps (one slow step does not move it; a count's first step, which starts its threads, is
+    left out), and the faster count runs. The other is tried again, for TRIES steps, once the steps since its last
+    try took SHARE times its time: trying costs at most TRIES/SHARE of the time. The result is the same with any
+    count (each output is computed by one thread)."""
+
+    TRIES = 3
+    SHARE = 100
+
+    def __init__(self):
+        self.recent = {}  # {threads: seconds of its last TRIES steps}
+        self.started = set()
+        self.trying, self.tries_left, self.since_tried = None, 0, 0.0
+
+    def seconds(self, threads):
+        return statistics.median(self.recent[threads])
+
+    def choose(self):
+        counts = sorted({torch.get_num_threads(), 1}, reverse=True)
+        untried = [count for count in counts if len(self.recent.get(count, ())) < self.TRIES]
+        if untried:
+            return untried[0]
+        if self.tries_left:
+            self.tries_left -= 1
+            return self.trying
+        best = min(counts, key=self.seconds)
+        other = next((count for count in counts if count != best), best)
+        if self.since_tried >= self.SHARE * self.seconds(other):
+            self.trying, self.tries_left, self.since_tried = other, self.TRIES - 1, 0.0
+            return other
+        return best
+
+    def record(self, threads, seconds):
+        if threads not in self.started:
+            self.started.add(threads)
+            return
+        self.recent.setdefault(threads, collections.deque(maxlen=self.TRIES)).append(seconds)
+        self.since_tried += seconds
+
+
 class NativeDecodeStep:
     """DecodeStep's step (the same arguments and result) by decode_step.cpp: the residual stream, layer norms and
     softmax in fp32; bf16 copies of the weights packed for streaming and a bf16 cache, or int8 ones of both."""
@@ -117,6 +164,7 @@ class NativeDecodeStep:
         self.pointers = (ctypes.c_void_p * len(params))(*(p.data_ptr() if p is not None else None for p in params))
         self.scales = (ctypes.c_float * len(scales))(*scales)
         self.inner = config.n_inner or 4 * config.n_embd
+        self.threads = ThreadCount()
 
     @torch.no_grad()
     def __call__(self, ids, cache):
@@ -140,11 +188,13 @@ class NativeDecodeStep:
         if cached + 1 > capacity:  # the C++ side writes at position `cached` unchecked
             raise ValueError(f"the cache holds {capacity} tokens; slide the window before stepping past it")
         logits = torch.empty(rows, config.vocab_size)
+        threads, start = self.threads.choose(), time.perf_counter()
         self.lib.gpt2_decode_step(
             rows, config.n_layer, config.n_embd, config.n_head, self.inner, config.vocab_size, cached, capacity,
-            torch.get_num_threads(), ACTIVATIONS[config.activation_function], config.layer_norm_epsilon,
+            threads, ACTIVATIONS[config.activation_function], config.layer_norm_epsilon,
             self.scales, self.pointers, (ctypes.c_void_p * len(buffers))(*buffers), hidden.data_ptr(),
             logits.data_ptr())
+        self.threads.record(threads, time.perf_counter() - start)
         for layer in cache.layers:
             layer.rewind(cached + 1)
         return logits

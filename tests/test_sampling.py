@@ -553,3 +553,83 @@ def test_a_writer_starts_the_cpp_build_before_it_loads_the_model(trained, tmp_pa
         events.clear()
     sampling.Writer(trained / "model" / "final_model", kernel="fp32-sdpa", say=lambda line: None)
     assert events == ["load"]
+
+
+def test_the_cpp_step_writes_the_same_logits_on_any_number_of_threads():
+    """Each output of the C++ step is computed by one thread, so ThreadCount may switch between counts mid-run: the
+    logits of three rows over three positions, bit for bit, on 1, 2 and 3 threads, bf16 and int8."""
+    from gpt2zh.decoding import decode_step, kernel_candidates, preallocated_cache
+
+    torch.manual_seed(0)
+    model = build_model(load_config(TINY_CONFIG)).eval().to(torch.bfloat16)
+    sequence = torch.randint(0, model.config.vocab_size, (3, 12))
+    for name in ("bf16-cpp", "int8-cpp"):
+        kernel = kernel_candidates(model)[name]
+        results = []
+        for threads in (1, 2, 3):
+            step, cache = decode_step(model, kernel), preallocated_cache(model, 16, kernel.cache_dtype)
+            step.threads.choose = lambda threads=threads: threads
+            encode_tokens(model, sequence[:, :9], cache)
+            results.append(torch.stack([step(sequence[:, position], cache) for position in range(9, 12)]))
+        assert all(torch.equal(results[0], other) for other in results[1:]), name
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="GOMP_CPU_AFFINITY is GNU OpenMP's (Linux)")
+def test_the_cpp_step_runs_on_one_thread_when_its_threads_would_share_a_core():
+    """The case of a machine whose other cores are busy, made certain: GNU OpenMP told to put both threads on core 0
+    (GOMP_CPU_AFFINITY="0 0"), where each parallel region waits for a thread spinning on the same core (~170 ms a
+    step instead of ~0.3). After its first steps the C++ step runs on one thread, trying two again at most about
+    1/SHARE of the time."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from gpt2zh.decoding import decode_step, kernel_candidates, preallocated_cache
+from gpt2zh.model import build_model, load_config
+torch.set_num_threads(2)
+model = build_model(load_config({str(ROOT / "config" / "model_config_quick.json")!r})).eval().to(torch.bfloat16)
+step = decode_step(model, kernel_candidates(model)["int8-cpp"])
+cache = preallocated_cache(model, 64, torch.int8)
+counts, choose = [], step.threads.choose
+step.threads.choose = lambda: counts.append(choose()) or counts[-1]
+for position in range(60):
+    step(torch.tensor([position % 7]), cache)
+print(counts)
+"""
+    env = {**os.environ, "GOMP_CPU_AFFINITY": "0 0"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    counts = eval(result.stdout)
+    assert counts[:8] == [2] * 4 + [1] * 4 and counts[8:].count(1) >= 50, counts
+
+
+def test_the_thread_count_follows_the_machine_and_spends_little_on_trying_the_other(monkeypatch):
+    """ThreadCount against step times it is told: on a quiet machine (two threads 1 ms, one 1.6 ms, now and then a
+    step of 30 ms) nearly every step on two threads; while two threads share a core (170 ms against 0.3 ms) every
+    step after the first ones on one; when the load goes, back to two. The time spent trying the other count stays
+    within TRIES/SHARE."""
+    from gpt2zh.native import ThreadCount
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+
+    def run(step_seconds, steps, counter=None, outlier_every=0):
+        """[(threads, seconds)] of each step after each count's first ones, and the counter"""
+        counter = counter or ThreadCount()
+        steps_run = []
+        for index in range(steps):
+            threads = counter.choose()
+            seconds = 0.030 if outlier_every and index % outlier_every == 0 else step_seconds[threads]
+            counter.record(threads, seconds)
+            steps_run.append((threads, seconds))
+        return steps_run[2 * (ThreadCount.TRIES + 1):], counter
+
+    quiet, busy = {2: 1e-3, 1: 1.6e-3}, {2: 0.170, 1: 0.3e-3}
+    steps_run, _ = run(quiet, 20000, outlier_every=97)
+    tried = sum(seconds for threads, seconds in steps_run if threads == 1)
+    assert 0 < tried < sum(seconds for _, seconds in steps_run) * ThreadCount.TRIES / ThreadCount.SHARE
+    steps_run, counter = run(busy, 5000)
+    assert all(threads == 1 for threads, _ in steps_run)
+    steps_run, _ = run(quiet, 30000, counter)  # the load has gone
+    assert [threads for threads, _ in steps_run[-1000:]].count(2) > 950
