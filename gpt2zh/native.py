@@ -114,8 +114,15 @@ class ThreadCount:
     def seconds(self, threads):
         return statistics.median(self.recent[threads])
 
+    def counts(self):
+        return sorted({torch.get_num_threads(), 1}, reverse=True)
+
+    def settled(self):
+        """Whether each count has been timed (a trial times the steps that come after)."""
+        return all(len(self.recent.get(count, ())) == self.TRIES for count in self.counts())
+
     def choose(self):
-        counts = sorted({torch.get_num_threads(), 1}, reverse=True)
+        counts = self.counts()
         untried = [count for count in counts if len(self.recent.get(count, ())) < self.TRIES]
         if untried:
             return untried[0]

@@ -633,3 +633,14 @@ def test_the_thread_count_follows_the_machine_and_spends_little_on_trying_the_ot
     assert all(threads == 1 for threads, _ in steps_run)
     steps_run, _ = run(quiet, 30000, counter)  # the load has gone
     assert [threads for threads, _ in steps_run[-1000:]].count(2) > 950
+
+
+def test_a_trial_times_the_cpp_step_once_it_has_timed_its_thread_counts():
+    """The trial's timed steps are a run's steps: the C++ step's first ones, which try each thread count, are part
+    of its warm-up."""
+    from gpt2zh.decoding import kernel_candidates, prepare_entrant
+
+    model = build_model(load_config(TINY_CONFIG)).eval().to(torch.bfloat16)
+    for name in ("bf16-cpp", "int8-cpp"):
+        step, _, _ = prepare_entrant(model, kernel_candidates(model)[name], 1, 8, {}, {})
+        assert step.threads.settled(), name
