@@ -99,9 +99,11 @@ class ThreadCount:
     (OpenMP waits by spinning) can cost a scheduler slice a region: 408 ms a step of the seed config where two cores
     take 4 (docs/BENCHMARKS.md, "The C++ step on a busy machine"). Each step is timed; a count's time is the median
     of its last TRIES steps (one slow step does not move it; a count's first step, which starts its threads, is
-    left out), and the faster count runs. The other is tried again, for TRIES steps, once the steps since its last
-    try took SHARE times its time: trying costs at most TRIES/SHARE of the time. The result is the same with any
-    count (each output is computed by one thread)."""
+    left out), and the faster count runs: when torch's count slows past one thread's last time, one thread runs
+    again and is timed afresh. On one thread, torch's count is tried again, for TRIES steps, once the steps on one
+    thread since it last ran took SHARE times its time (the load may have gone): that costs at most TRIES/SHARE of
+    the time, and a quiet machine tries nothing after its first steps. The result is the same with any count (each
+    output is computed by one thread)."""
 
     TRIES = 3
     SHARE = 100
@@ -109,7 +111,7 @@ class ThreadCount:
     def __init__(self):
         self.recent = {}  # {threads: seconds of its last TRIES steps}
         self.started = set()
-        self.trying, self.tries_left, self.since_tried = None, 0, 0.0
+        self.trying, self.tries_left, self.on_fewer = None, 0, 0.0  # seconds on fewer threads than torch's
 
     def seconds(self, threads):
         return statistics.median(self.recent[threads])
@@ -131,8 +133,8 @@ class ThreadCount:
             return self.trying
         best = min(counts, key=self.seconds)
         other = next((count for count in counts if count != best), best)
-        if self.since_tried >= self.SHARE * self.seconds(other):
-            self.trying, self.tries_left, self.since_tried = other, self.TRIES - 1, 0.0
+        if other > best and self.on_fewer >= self.SHARE * self.seconds(other):
+            self.trying, self.tries_left = other, self.TRIES - 1
             return other
         return best
 
@@ -141,7 +143,7 @@ class ThreadCount:
             self.started.add(threads)
             return
         self.recent.setdefault(threads, collections.deque(maxlen=self.TRIES)).append(seconds)
-        self.since_tried += seconds
+        self.on_fewer = self.on_fewer + seconds if threads < max(self.counts()) else 0.0
 
 
 class NativeDecodeStep:
