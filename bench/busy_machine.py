@@ -32,16 +32,16 @@ def measure(kernel_name, threads, steps, keys=512):
     torch.set_num_threads(2)
     model = build_model(load_config(ROOT / "config" / "model_config_small.json")).eval().to(torch.bfloat16)
     kernel = kernel_candidates(model)[kernel_name]
-    step, ids = decode_step(model, kernel), torch.full((1,), 5)
-    if threads == "held":
-        step.threads.choose = torch.get_num_threads
+    step, ids, used = decode_step(model, kernel), torch.full((1,), 5), []
+    choose = torch.get_num_threads if threads == "held" else step.threads.choose
+    step.threads.choose = lambda: used.append(choose()) or used[-1]  # the counts the step ran on
     cache = preallocated_cache(model, keys + 1, kernel.cache_dtype)
     step(ids, cache)  # allocates the cache
     for layer in cache.layers:
         layer.pretend_filled(keys)
-    seconds, used = [], []
+    used.clear()
+    seconds = []
     for _ in range(steps):
-        used.append(step.threads.choose() if threads != "held" else 2)
         start = time.perf_counter()
         step(ids, cache)
         seconds.append(time.perf_counter() - start)

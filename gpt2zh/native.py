@@ -119,13 +119,15 @@ class ThreadCount:
     def counts(self):
         return sorted({torch.get_num_threads(), 1}, reverse=True)
 
+    def untried(self):
+        return [count for count in self.counts() if len(self.recent.get(count, ())) < self.TRIES]
+
     def settled(self):
         """Whether each count has been timed (a trial times the steps that come after)."""
-        return all(len(self.recent.get(count, ())) == self.TRIES for count in self.counts())
+        return not self.untried()
 
     def choose(self):
-        counts = self.counts()
-        untried = [count for count in counts if len(self.recent.get(count, ())) < self.TRIES]
+        counts, untried = self.counts(), self.untried()
         if untried:
             return untried[0]
         if self.tries_left:
