@@ -112,10 +112,11 @@ def test_a_trial_never_changes_a_run(prepared, tmp_path):
                   env=caches["third"]).stdout
     assert "as the run being resumed chose" in resumed and "measured now" not in resumed
     chosen = [re.search(r"attention-dropout kernel: (blocked-\d+)", out).group(1) for out in (measured, interrupted)]
-    if chosen[0] != chosen[1]:
-        run("train.py", *flags, "--output_dir", "measured", "--overwrite", "--attention_kernel", chosen[1],
-            cwd=prepared, env=caches["first"])
-    expected = weights(prepared / "measured")
-    for folder in ("remembered", "interrupted"):
-        got = weights(prepared / folder)
-        assert all(torch.equal(got[name], expected[name]) for name in expected), folder
+    uninterrupted = "measured"
+    if chosen[0] != chosen[1]:  # "remembered" ran with chosen[0], so "measured" stays its reference
+        uninterrupted = "uninterrupted"
+        run("train.py", *flags, "--output_dir", uninterrupted, "--attention_kernel", chosen[1], cwd=prepared,
+            env=caches["first"])
+    for folder, reference in (("remembered", "measured"), ("interrupted", uninterrupted)):
+        got, expected = weights(prepared / folder), weights(prepared / reference)
+        assert all(torch.equal(got[name], expected[name]) for name in expected), (folder, reference, chosen)
