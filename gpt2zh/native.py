@@ -103,21 +103,39 @@ class ThreadCount:
     again and is timed afresh. On one thread, torch's count is tried again, for TRIES steps, once the steps on one
     thread since it last ran took SHARE times its time (the load may have gone): that costs at most TRIES/SHARE of
     the time, and a quiet machine tries nothing after its first steps. The result is the same with any count (each
-    output is computed by one thread)."""
+    output is computed by one thread). Entered (`with step.threads:`), it runs torch's own ops on the count the step
+    last ran on, and gives torch its count back on leaving: the sampling loop's logits processors, draw and
+    re-encoding wait for each other's threads as the step's regions do (docs/BENCHMARKS.md)."""
 
     TRIES = 3
     SHARE = 100
 
     def __init__(self):
+        self.process = torch.get_num_threads()  # torch's count when the step was made
+        self.latest, self.following = self.process, False  # the count of the latest step; inside `with`
         self.recent = {}  # {threads: seconds of its last TRIES steps}
         self.started = set()
         self.trying, self.tries_left, self.on_fewer = None, 0, 0.0  # seconds on fewer threads than torch's
+
+    def __enter__(self):
+        self.following = True
+        self.follow()
+        return self
+
+    def __exit__(self, *exception):
+        self.following = False
+        if torch.get_num_threads() != self.process:
+            torch.set_num_threads(self.process)
+
+    def follow(self):
+        if torch.get_num_threads() != self.latest:
+            torch.set_num_threads(self.latest)
 
     def seconds(self, threads):
         return statistics.median(self.recent[threads])
 
     def counts(self):
-        return sorted({torch.get_num_threads(), 1}, reverse=True)
+        return sorted({self.process, 1}, reverse=True)
 
     def untried(self):
         return [count for count in self.counts() if len(self.recent.get(count, ())) < self.TRIES]
@@ -141,6 +159,9 @@ class ThreadCount:
         return best
 
     def record(self, threads, seconds):
+        self.latest = threads
+        if self.following:
+            self.follow()
         if threads not in self.started:
             self.started.add(threads)
             return

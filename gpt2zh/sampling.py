@@ -1,4 +1,6 @@
 """Sampling continuations: a batch at a time, KV cache always on, a sliding window past n_ctx."""
+import contextlib
+
 import torch
 
 from . import native_build
@@ -131,30 +133,31 @@ def sample(model, prefix_ids, length, batch_size, processors, n_ctx, greedy=Fals
     window = tokens[:, -n_ctx:]
     cache = None
     stopped = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    for _ in range(length):
-        if cache is not None:
-            logits = step(tokens[:, -1], cache)  # [B, vocab]
-        else:
-            cache = preallocated_cache(model, n_ctx if use_cache else window.shape[1], step.kernel.cache_dtype)
-            logits = encode_tokens(model, window, cache)
-            cache = cache if use_cache else None
-        scores = processors(tokens, logits.float())  # [B, vocab]
-        if greedy:
-            next_ids = scores.argmax(dim=-1)
-        else:
-            next_ids = draw(torch.softmax(scores, dim=-1), generator)
-        tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-        if on_step:
-            on_step(next_ids)
-        if stop_id is not None:
-            stopped |= next_ids == stop_id
-            if bool(stopped.all()):
-                break
-        if cache is not None and cache.get_seq_length() + 1 > n_ctx:
-            cache = None  # slide: the next step re-encodes the most recent half window
-            window = tokens[:, -(n_ctx // 2):]
-        elif not use_cache:
-            window = tokens[:, -n_ctx:]
+    with getattr(step, "threads", contextlib.nullcontext()):  # torch's ops on the C++ step's thread count
+        for _ in range(length):
+            if cache is not None:
+                logits = step(tokens[:, -1], cache)  # [B, vocab]
+            else:
+                cache = preallocated_cache(model, n_ctx if use_cache else window.shape[1], step.kernel.cache_dtype)
+                logits = encode_tokens(model, window, cache)
+                cache = cache if use_cache else None
+            scores = processors(tokens, logits.float())  # [B, vocab]
+            if greedy:
+                next_ids = scores.argmax(dim=-1)
+            else:
+                next_ids = draw(torch.softmax(scores, dim=-1), generator)
+            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+            if on_step:
+                on_step(next_ids)
+            if stop_id is not None:
+                stopped |= next_ids == stop_id
+                if bool(stopped.all()):
+                    break
+            if cache is not None and cache.get_seq_length() + 1 > n_ctx:
+                cache = None  # slide: the next step re-encodes the most recent half window
+                window = tokens[:, -(n_ctx // 2):]
+            elif not use_cache:
+                window = tokens[:, -n_ctx:]
     return tokens
 
 

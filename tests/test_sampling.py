@@ -605,6 +605,34 @@ print(counts)
     assert counts[:8] == [2] * 4 + [1] * 4 and counts[8:].count(1) >= 50, counts
 
 
+def test_the_sampling_loop_runs_torchs_own_ops_on_the_cpp_steps_thread_count():
+    """On a busy machine torch's ops in the loop (logits processors, draw, re-encoding) wait for each other's threads
+    as the C++ step's regions do: they run on the count the step last ran on, and torch has its count back after
+    sampling, also when it is stopped."""
+    from gpt2zh.decoding import decode_step, kernel_candidates
+    from gpt2zh.sampling import Processors
+
+    model = build_model(load_config(TINY_CONFIG)).eval().to(torch.bfloat16)
+    process = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        step = decode_step(model, kernel_candidates(model)["int8-cpp"], rows=2)
+        step.threads.choose = lambda: 1  # as on a busy machine
+        seen = []
+        processors = Processors([lambda ids, scores: seen.append(torch.get_num_threads()) or scores])
+        sample(model, [5, 6, 7], 6, 2, processors, n_ctx=32, step=step)
+        assert seen == [2] + [1] * 5 and torch.get_num_threads() == 2  # the prefix is encoded before any step
+
+        def stop(ids):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            sample(model, [5, 6, 7], 6, 2, processors, n_ctx=32, step=step, on_step=stop)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(process)
+
+
 def test_the_thread_count_follows_the_machine_and_spends_little_on_trying_the_other(monkeypatch):
     """ThreadCount against step times it is told: on a quiet machine (two threads 1 ms, one 1.6 ms, now and then a
     step of 30 ms) every step after the first ones on two threads; while two threads share a core (170 ms against
