@@ -304,13 +304,15 @@ def announce_length(run, how):
 
 def first_estimate(run):
     """Before the first step: one window timed. A slow step (the seed's 82M config on a CPU) gets its whole-run
-    estimate said at once; --time_budget gets a first number of steps (warm-up does not depend on it)."""
-    step_seconds = time_a_window(run) * run.args.batch_size * run.args.gradient_accumulation
+    estimate said at once; --time_budget gets a first number of steps (warm-up does not depend on it), the same in
+    every torchrun process (a short budget may end on it, before the speed is measured)."""
+    window_seconds = agreed_value(run.processes, time_a_window(run), "max")
+    step_seconds = window_seconds * run.args.batch_size * run.args.gradient_accumulation
     clock, progress = run.clock, run.state.progress
     clock.estimate = step_seconds
     clock.epoch_seconds = epoch_end_estimate(run, step_seconds)
     if not progress.length_fixed:
-        progress.total_steps = steps_in_budget(run, step_seconds)
+        progress.total_steps = int(agreed_value(run.processes, steps_in_budget(run, step_seconds), "min"))
     if step_seconds > 5:
         clock.step_seconds = step_seconds
         announce_length(run, f"estimated from one window: about {step_seconds:.0f} s a step; measured again after "

@@ -91,7 +91,7 @@ def test_a_time_budget_run_resumes_to_the_weights_of_its_number_of_steps(prepare
     """--time_budget fixes the number of steps once the first are timed and keeps it in the checkpoint: interrupted
     and resumed, the run takes exactly those steps (no new timing), ending with the weights of --max_steps N."""
     flags = train_args(**{"--epochs": 40, "--log_step": 1, "--batch_size": 2, "--lr_schedule": "cosine"})
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, "--raw", "--time_budget", "0.4",
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, "--raw", "--time_budget", "0.2",
                                 "--output_dir", "budget"], cwd=prepared, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     output = ""
@@ -103,7 +103,7 @@ def test_a_time_budget_run_resumes_to_the_weights_of_its_number_of_steps(prepare
     output += process.stdout.read()
     assert process.wait(timeout=300) == 130, output
     total = int(re.search(r"([\d,]+) steps, about .* the steps that fit", output).group(1).replace(",", ""))
-    resumed = run("train.py", *flags, "--time_budget", "0.4", "--output_dir", "budget", "--resume",
+    resumed = run("train.py", *flags, "--time_budget", "0.2", "--output_dir", "budget", "--resume",
                   cwd=prepared).stdout
     assert f"of {total}" in resumed and "the steps that fit" not in resumed
     run("train.py", *flags, "--max_steps", total, "--output_dir", "fixed", cwd=prepared)
