@@ -13,7 +13,7 @@ def test_the_preset_interrupted_in_training_finishes_when_run_again(project):
     body = "".join(line + "\n" for line in STORY.splitlines() if not line.startswith("第")) * 3
     novel = "".join(f"第{n}回 河边\n{body}" for n in range(1, 41))  # 40 chapters of about 550 characters
     (project / "data" / "story.txt").write_text(novel, encoding="utf-8")
-    command = [sys.executable, str(ROOT / "cpu_preset.py"), "--minutes", "1"]
+    command = [sys.executable, str(ROOT / "cpu_preset.py"), "--minutes", "1.5"]
     process = subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     output = ""
