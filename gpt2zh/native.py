@@ -93,6 +93,12 @@ def pack_int8(weight):
     return packed, scales
 
 
+def use_threads(count):
+    """torch's thread count set to `count`, only when it differs (the sampling loop asks after every step)."""
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
 class ThreadCount:
     """How many threads the C++ step runs on: torch's thread count, or one. Its ~20 parallel regions a step each wait
     for every thread; when other programs keep the cores busy, a thread that shares its core with a waiting one
@@ -119,17 +125,12 @@ class ThreadCount:
 
     def __enter__(self):
         self.following = True
-        self.follow()
+        use_threads(self.latest)
         return self
 
     def __exit__(self, *exception):
         self.following = False
-        if torch.get_num_threads() != self.process:
-            torch.set_num_threads(self.process)
-
-    def follow(self):
-        if torch.get_num_threads() != self.latest:
-            torch.set_num_threads(self.latest)
+        use_threads(self.process)
 
     def seconds(self, threads):
         return statistics.median(self.recent[threads])
@@ -161,12 +162,12 @@ class ThreadCount:
     def record(self, threads, seconds):
         self.latest = threads
         if self.following:
-            self.follow()
+            use_threads(threads)
         if threads not in self.started:
             self.started.add(threads)
             return
         self.recent.setdefault(threads, collections.deque(maxlen=self.TRIES)).append(seconds)
-        self.on_fewer = self.on_fewer + seconds if threads < max(self.counts()) else 0.0
+        self.on_fewer = self.on_fewer + seconds if threads < self.process else 0.0
 
 
 class NativeDecodeStep:
