@@ -97,6 +97,9 @@ def add_new_flags(p):
     p.add_argument("--input_noise", type=float, default=0.0,
                    help="data noising: replace this fraction of the input tokens (not the targets) by tokens drawn "
                         "from the corpus's unigram distribution, anew every step (e.g. 0.1; 0: off)")
+    p.add_argument("--shift_windows", action="store_true",
+                   help="move each training window's start on by a random 0 to --stride - 1 tokens, drawn anew every "
+                        "epoch: over many epochs of a small novel the model does not see the same windows each time")
     p.add_argument("--keep_best", action="store_true", help="save the best held-out model to best_model/")
     p.add_argument("--save_every", type=int, default=1000, help="save a resumable checkpoint every this many steps")
     p.add_argument("--save_minutes", type=float, default=10, help="... and at least this often (minutes)")

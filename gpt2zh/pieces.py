@@ -111,6 +111,14 @@ def make_windows(pieces, n_ctx, stride):
     return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
 
+def shifted_windows(windows, piece_lengths, shift, rng):
+    """Every window's start moved on by 0 to `shift` - 1 tokens drawn by `rng`, and back where it would run past its
+    piece's end; the windows keep their lengths and number. [n_windows, 3] like make_windows'."""
+    starts = windows[:, 1] + rng.integers(0, shift, len(windows))
+    starts = np.minimum(starts, piece_lengths[windows[:, 0]] - windows[:, 2])
+    return np.column_stack([windows[:, 0], starts, windows[:, 2]])
+
+
 def make_batch(pieces, windows, pad_id):
     """Stack windows into input_ids and labels (-100 on padding), both [batch, longest window]."""
     longest = int(windows[:, 2].max())

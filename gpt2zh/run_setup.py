@@ -26,8 +26,8 @@ from .run_inputs import load_training_data, model_and_vocabulary
 # Flags that define the sequence of optimizer steps: a resumed run must use the same ones.
 RUN_SETTINGS = ("model_config", "stride", "batch_size", "gradient_accumulation", "epochs", "num_pieces",
                 "min_length", "lr", "warmup_steps", "lr_schedule", "weight_decay", "seed", "eval_ratio", "bpe_token",
-                "bpe_vocab_size", "segment", "segment_min_count", "average_from", "input_noise", "max_steps",
-                "time_budget", "optimizer", "muon_lr")
+                "bpe_vocab_size", "segment", "segment_min_count", "average_from", "input_noise", "shift_windows",
+                "max_steps", "time_budget", "optimizer", "muon_lr")
 
 
 # ---- set-up ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from .errors import UserError
 from .evaluation import evaluate, summarize
 from .model import CausalLMLoss
 from .optimizers import lr_factor, set_learning_rate
-from .pieces import make_batch, noise_inputs
+from .pieces import make_batch, noise_inputs, shifted_windows
 from .run_clock import duration, time_one_window
 from .run_setup import set_up, windows_per_rank, wrap_for_training
 
@@ -32,6 +32,15 @@ def epoch_order(n_windows, seed, epoch, rank, world):
     return order[rank::world]
 
 
+def epoch_windows(data, args, epoch):
+    """The windows of an epoch: as tokenized, or with --shift_windows each moved on by its own random offset below
+    --stride, drawn from (seed, epoch) alone: every rank and a resumed run draw the same."""
+    if not args.shift_windows:
+        return data.windows
+    rng = np.random.default_rng(np.random.SeedSequence([args.seed, epoch]).spawn(1)[0])  # not epoch_order's draws
+    return shifted_windows(data.windows, np.array([len(piece) for piece in data.pieces]), args.stride, rng)
+
+
 def to_device(tensor, device):
     """A copy from pinned memory does not wait for the GPU to finish its queue, as a pageable one does,
     so the next step is queued while this one runs."""
@@ -40,13 +49,13 @@ def to_device(tensor, device):
     return tensor.to(device)
 
 
-def micro_batches(run, order, step_in_epoch):
+def micro_batches(run, windows, order, step_in_epoch):
     """The (input_ids, labels) of one optimizer step on the device, and the tokens they hold (all ranks)."""
     args, data, processes = run.args, run.data, run.processes
     first = step_in_epoch * args.gradient_accumulation
     batches, tokens = [], 0
     for b in range(first, min(first + args.gradient_accumulation, run.batches_per_epoch)):
-        input_ids, labels = make_batch(data.pieces, data.windows[order[b * args.batch_size:(b + 1) * args.batch_size]],
+        input_ids, labels = make_batch(data.pieces, windows[order[b * args.batch_size:(b + 1) * args.batch_size]],
                                        run.tokenizer.pad_token_id)
         if args.input_noise:  # drawn from (seed, epoch, batch, rank): a resumed run draws the same
             noise_inputs(input_ids, labels, args.input_noise, data.unigram,
@@ -415,10 +424,11 @@ def train_epoch(run, stop):
     request ended it early (after saving a checkpoint), True at the epoch's end (which finish_epoch saves)."""
     args, progress = run.args, run.state.progress
     order = epoch_order(len(run.data.windows), args.seed, progress.epoch, run.processes.rank, run.processes.world)
+    windows = epoch_windows(run.data, args, progress.epoch)
     first_step = progress.global_step - progress.epoch * run.steps_per_epoch
     bar, window, last_save = EpochBar(run, first_step), LogWindow(), time.time()
     for step_in_epoch in range(first_step, run.steps_per_epoch):
-        batches, tokens = micro_batches(run, order, step_in_epoch)
+        batches, tokens = micro_batches(run, windows, order, step_in_epoch)
         step_loss = take_step(run, batches)
         # --time_budget's number of steps is fixed by the end of warm-up at the latest: the decay is laid over it
         warm = not progress.length_fixed and progress.global_step >= args.warmup_steps

@@ -5,7 +5,16 @@ import pytest
 from conftest import ROOT
 
 from gpt2zh.errors import UserError
-from gpt2zh.pieces import build_pieces, check_pieces, load_pieces, make_batch, make_windows, noise_inputs, window_starts
+from gpt2zh.pieces import (
+    build_pieces,
+    check_pieces,
+    load_pieces,
+    make_batch,
+    make_windows,
+    noise_inputs,
+    shifted_windows,
+    window_starts,
+)
 from gpt2zh.vocab import load_tokenizer
 
 VOCAB = ROOT / "cache" / "vocab_small.txt"
@@ -30,6 +39,33 @@ def test_short_windows_are_padded_with_ignored_labels():
     input_ids, labels = make_batch(pieces, windows[:2], pad_id=0)
     assert input_ids[0].tolist() == [5, 6, 7, 8, 9, 0, 0, 0]
     assert labels[0].tolist() == [5, 6, 7, 8, 9, -100, -100, -100]
+
+
+def test_shifted_windows_stay_in_their_pieces_and_reach_every_offset():
+    pieces = [np.arange(5), np.arange(40)]
+    windows = make_windows(pieces, n_ctx=8, stride=8)  # piece 1: starts 0, 8, 16, 24, 32
+    lengths = np.array([len(piece) for piece in pieces])
+    starts = set()
+    for seed in range(200):
+        shifted = shifted_windows(windows, lengths, 8, np.random.default_rng(seed))
+        assert (shifted[:, [0, 2]] == windows[:, [0, 2]]).all()  # same pieces, same lengths, same number
+        assert (windows[:, 1] <= shifted[:, 1]).all() and (shifted[:, 1] < windows[:, 1] + 8).all()
+        assert (shifted[:, 1] + shifted[:, 2] <= lengths[shifted[:, 0]]).all()
+        starts.update(map(tuple, shifted[:, :2].tolist()))
+    assert starts == {(0, 0)} | {(1, start) for start in range(33)}  # the short piece stays whole
+
+
+def test_each_epoch_shifts_the_windows_its_own_way_and_the_same_on_every_run():
+    from types import SimpleNamespace
+
+    from gpt2zh.training import epoch_windows
+
+    pieces = [np.arange(3000)]
+    data = SimpleNamespace(pieces=pieces, windows=make_windows(pieces, n_ctx=64, stride=64))
+    args = SimpleNamespace(shift_windows=True, seed=1, stride=64)
+    first, again, second = (epoch_windows(data, args, epoch) for epoch in (0, 0, 1))
+    assert (first == again).all() and (first != second).any() and (first != data.windows).any()
+    assert epoch_windows(data, SimpleNamespace(shift_windows=False), 0) is data.windows
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ def losses(model_dir):
 
 def test_an_interrupted_run_resumes_to_the_same_weights(prepared):
     flags = train_args(**{"--epochs": 3, "--log_step": 1, "--batch_size": 2, "--average_from": 0.1,
-                          "--input_noise": 0.2})
+                          "--input_noise": 0.2, "--shift_windows": True})
     run("train.py", *flags, "--raw", "--output_dir", "straight", cwd=prepared)
 
     # Interrupt a second run part-way, as Ctrl-C would; it saves a checkpoint and stops.
