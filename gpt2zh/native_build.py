@@ -22,7 +22,8 @@ SOURCES = [Path(__file__).with_name(name) for name in ("decode_step.cpp", "decod
 HEADER = Path(__file__).with_name("decode_step.h")
 # -fno-trapping-math: floating-point exceptions are never looked at, so the compiler may turn the comparisons of
 # exp_approx's clamp and softmax's maximum into vector instructions (the softmax and GELU loops stayed scalar)
-FLAGS = ["-O3", "-std=c++17", "-fno-trapping-math", "-fPIC", "-Wno-psabi"]
+FLAGS = ["-std=c++17", "-fno-trapping-math", "-fPIC", "-Wno-psabi"]
+OPTIMIZATION = "-O3"  # -O2 built faster, but its steps were slower (docs/BENCHMARKS.md)
 OPENMP = "-fopenmp"
 # the compiler's macros for the instruction sets it targets, as the CPU's flags name them (cpu.ISA_FLAGS)
 TARGET_MACROS = {"__SSE4_2__": "sse4_2", "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c",
@@ -63,12 +64,13 @@ def compiler_version(command):
     return (out.splitlines() or [""])[0]
 
 
-def build(command, path, march=None):
+def build(command, path, march=None, optimization=OPTIMIZATION):
     """Compile decode_step.cpp and decode_attention.cpp to `path` for architecture_flag(march), with OpenMP where the
     compiler has it (macOS's clang has none: then one thread). Returns whether OpenMP is in; raises UserError with the
-    compiler's first error."""
+    compiler's first error. `optimization` (e.g. -O0) replaces -O3 where only whether it compiles matters."""
     errors = []
-    for flags in ([*FLAGS, OPENMP], FLAGS):
+    common = [optimization, *FLAGS]
+    for flags in ([*common, OPENMP], common):
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         objects = [partial.with_suffix(f".{source.stem}.o") for source in SOURCES]
         jobs = [subprocess.Popen([command, *flags, architecture_flag(march), "-c", str(source), "-o", str(obj)],
@@ -146,7 +148,7 @@ def build_and_load():
     if shutil.which(command) is None:
         raise UserError(f"no C++ compiler: `{command}` is not on PATH (set CXX to one)")
     features = target_features(command)
-    key = hashlib.sha256("\n".join([source_text(), command, compiler_version(command), *FLAGS,
+    key = hashlib.sha256("\n".join([source_text(), command, compiler_version(command), OPTIMIZATION, *FLAGS,
                                     architecture_flag(), *sorted(features), platform.machine()]).encode()).hexdigest()
     if not features <= cpu_features():
         raise UserError(f"{architecture_flag()} builds the C++ step for {', '.join(sorted(features - cpu_features()))}"
