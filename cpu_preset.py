@@ -39,8 +39,12 @@ def pick_recipe(args, state, deadline, processes, threads):
     from gpt2zh.run_clock import duration
 
     recipes = {recipe.name: recipe for _, recipe in RECIPES}
-    if state.recipe:
+    if state.recipe in recipes:
         return recipes[state.recipe]
+    if state.recipe:
+        raise UserError(f"{OUTPUT}/preset.json: this run was started with the recipe '{state.recipe}', which this "
+                        f"version of the preset no longer has; finish it with the version that started it, or delete "
+                        f"{OUTPUT}/ to start anew")
     if args.recipe != "auto":
         if args.recipe not in recipes:
             raise UserError(f"--recipe {args.recipe}: not one of: auto, {', '.join(recipes)}")

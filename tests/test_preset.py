@@ -5,7 +5,9 @@ import re
 import signal
 import subprocess
 import sys
+from argparse import Namespace
 
+import pytest
 from conftest import ROOT, STORY
 
 
@@ -46,3 +48,15 @@ def test_the_recipe_follows_the_probes_speed_an_avx2_cpu_gets_the_smaller_model(
 
     assert choose_recipe(28 * 60, 3315)[0].name == "4 x 256, input noise 0.05"
     assert choose_recipe(28 * 60, 5500)[0].name == "4 x 320, input noise 0.1"
+
+
+def test_a_run_started_with_a_recipe_this_version_lacks_is_told_how_to_go_on():
+    """preset.json of a run started before a recipe changed names a row the table no longer has."""
+    import cpu_preset
+    from gpt2zh.errors import UserError
+    from gpt2zh.preset import PresetState
+
+    state = PresetState("0" * 64, 1, 30.0, recipe="4 x 256, input noise 0.2")
+    with pytest.raises(UserError, match="'4 x 256, input noise 0.2', which this version of the preset no longer has; "
+                                        "finish it with the version that started it, or delete model/cpu_preset/"):
+        cpu_preset.pick_recipe(Namespace(recipe="auto"), state, 0.0, 1, 1)
