@@ -72,7 +72,8 @@ def add_new_flags(p):
                    help="CPU attention with dropout: auto (the fastest query block on this machine, measured once and "
                         "remembered) or blocked-64, blocked-128, blocked-256")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
-    p.add_argument("--lr_schedule", choices=["linear", "cosine"], default="linear", help="decay after warm-up")
+    p.add_argument("--lr_schedule", choices=["linear", "cosine", "wsd"], default="linear",
+                   help="decay after warm-up; wsd: the peak held, then a linear decay over the last fifth")
     p.add_argument("--max_steps", type=int, default=0,
                    help="train this many optimizer steps instead of --epochs epochs (the last epoch may end part-way)")
     p.add_argument("--time_budget", type=float, default=0,

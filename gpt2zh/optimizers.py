@@ -75,17 +75,24 @@ class Muon(torch.optim.Muon):
             p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))  # torch's "match_rms_adamw"
 
 
+WSD_DECAY_SHARE = 0.2  # --lr_schedule wsd decays over this share of the steps after warm-up
+
+
 def lr_factor(step, warmup_steps, total_steps, schedule):
     """The share of the peak learning rate for optimizer step `step` (from 0): linear warm-up over `warmup_steps`,
-    then linear or cosine decay to 0 at `total_steps` (transformers' get_linear/cosine_schedule_with_warmup).
-    A function of the step alone: a run whose length is fixed after it started (--time_budget), or that is
-    resumed, follows it without a scheduler's state."""
+    then linear or cosine decay to 0 at `total_steps` (transformers' get_linear/cosine_schedule_with_warmup), or
+    "wsd" (warm-up, stable, decay): the peak held, then a linear decay to 0 over the last WSD_DECAY_SHARE of the
+    steps after warm-up. A function of the step alone: a run whose length is fixed after it started
+    (--time_budget), or that is resumed, follows it without a scheduler's state."""
     if step < warmup_steps:
         return float(step) / float(max(1, warmup_steps))
+    decay_steps = total_steps - warmup_steps
     if schedule == "cosine":
-        progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+        progress = float(step - warmup_steps) / float(max(1, decay_steps))
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+    if schedule == "wsd":
+        decay_steps = int(WSD_DECAY_SHARE * decay_steps)
+    return min(1.0, max(0.0, float(total_steps - step) / float(max(1, decay_steps))))
 
 
 def set_learning_rate(optimizers, factor):

@@ -129,6 +129,21 @@ def test_reference_commands_run_as_written(tmp_path):
     assert (tmp_path / "mnt" / "samples.txt").read_text(encoding="utf-8").count(" SAMPLE ") == 10
 
 
+@pytest.mark.parametrize("schedule, at_quarter, at_half, at_nine_tenths",
+                         [("linear", 0.75, 0.5, 0.1), ("cosine", 0.8536, 0.5, 0.0245), ("wsd", 1.0, 1.0, 0.5)])
+def test_learning_rate_schedules(schedule, at_quarter, at_half, at_nine_tenths):
+    """Warm-up to the peak over 100 steps, then the decay to 0 at step 1,100: wsd holds the peak until the last fifth
+    of the 1,000 steps after warm-up (step 900) and decays linearly from there."""
+    from gpt2zh.optimizers import lr_factor
+
+    factors = [lr_factor(step, 100, 1100, schedule) for step in range(1101)]
+    assert factors[0] == 0.0 and factors[50] == 0.5 and factors[100] == 1.0
+    assert [round(factors[step], 4) for step in (350, 600, 1000)] == [at_quarter, at_half, at_nine_tenths]
+    assert factors[1100] == 0.0 and all(a >= b for a, b in zip(factors[100:], factors[101:]))
+    if schedule == "wsd":
+        assert factors[900] == 1.0 and factors[901] < 1.0
+
+
 def test_weight_average_is_the_mean_of_the_weights_it_saw():
     from gpt2zh.optimizers import WeightAverage
 
