@@ -64,7 +64,7 @@ def train(args, recipe, budget, processes, threads, resume):
                 f"{WORK}/vocab.txt", "--raw_data_path", f"{WORK}/train.json", "--tokenized_data_path",
                 f"{WORK}/tokenized/", "--raw", "--num_pieces", 1, "--stride", 256, "--batch_size", 8 // processes,
                 "--epochs", recipe.epochs, "--time_budget", budget, "--lr", "1e-3", "--warmup_steps", 100,
-                "--lr_schedule", "cosine", "--weight_decay", 0.1, "--log_step", 50, "--seed", args.seed,
+                "--weight_decay", 0.1, "--log_step", 50, "--seed", args.seed,
                 "--device", "cpu", "--eval_data_path", f"{WORK}/eval.json", "--output_dir", f"{OUTPUT}/",
                 "--writer_dir", f"{OUTPUT}/tensorboard/", *recipe.flags, "--resume" if resume else "--overwrite"],
                processes, threads)

@@ -46,7 +46,7 @@ def test_the_recipe_follows_the_probes_speed_an_avx2_cpu_gets_the_smaller_model(
     """The probe's speeds of 2026-12-02 (Zen 3, AVX2: 3,315 tokens/s) and of an AVX512-BF16 CPU (above 5,500)."""
     from gpt2zh.preset import choose_recipe
 
-    assert choose_recipe(28 * 60, 3315)[0].name == "4 x 256, input noise 0.05, shifted windows"
+    assert choose_recipe(28 * 60, 3315)[0].name == "4 x 256, input noise 0.05, shifted windows, wsd"
     assert choose_recipe(28 * 60, 5500)[0].name == "4 x 320, input noise 0.1"
 
 
