@@ -1,3 +1,4 @@
+import itertools
 import json
 import re
 import shutil
@@ -139,7 +140,7 @@ def test_learning_rate_schedules(schedule, at_quarter, at_half, at_nine_tenths):
     factors = [lr_factor(step, 100, 1100, schedule) for step in range(1101)]
     assert factors[0] == 0.0 and factors[50] == 0.5 and factors[100] == 1.0
     assert [round(factors[step], 4) for step in (350, 600, 1000)] == [at_quarter, at_half, at_nine_tenths]
-    assert factors[1100] == 0.0 and all(a >= b for a, b in zip(factors[100:], factors[101:]))
+    assert factors[1100] == 0.0 and all(a >= b for a, b in itertools.pairwise(factors[100:]))
     if schedule == "wsd":
         assert factors[900] == 1.0 and factors[901] < 1.0
 
