@@ -79,7 +79,8 @@ def add_new_flags(p):
     p.add_argument("--time_budget", type=float, default=0,
                    help="minutes the whole run may take, held-out evaluations and saves included: the speed of the "
                         "first steps fixes the number of steps (at most --epochs epochs; printed, and kept in the "
-                        "checkpoint so that --resume continues the same run)")
+                        "checkpoint so that --resume continues the same run; with --lr_schedule wsd fixed again at "
+                        "each epoch's end while the learning rate is at its peak)")
     p.add_argument("--weight_decay", type=float, default=0.0,
                    help="decoupled weight decay of the weight matrices (AdamW's, and Muon's with --optimizer muon)")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",

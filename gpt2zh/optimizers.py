@@ -91,8 +91,14 @@ def lr_factor(step, warmup_steps, total_steps, schedule):
         progress = float(step - warmup_steps) / float(max(1, decay_steps))
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     if schedule == "wsd":
-        decay_steps = int(WSD_DECAY_SHARE * decay_steps)
+        decay_steps = total_steps - wsd_decay_start(warmup_steps, total_steps)
     return min(1.0, max(0.0, float(total_steps - step) / float(max(1, decay_steps))))
+
+
+def wsd_decay_start(warmup_steps, total_steps):
+    """The step at which --lr_schedule wsd leaves its peak: before it, the learning rate does not depend on
+    `total_steps`."""
+    return total_steps - int(WSD_DECAY_SHARE * (total_steps - warmup_steps))
 
 
 def set_learning_rate(optimizers, factor):

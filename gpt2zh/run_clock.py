@@ -58,6 +58,8 @@ class RunClock:
         self.estimate = None  # seconds a step, from one window timed before the first
         self.epoch_seconds = 0.0
         self.first = None  # (time, step) the measurement started from
+        self.fitted_here = False  # this process fixed --time_budget's steps (a resumed one keeps what it was given)
+        self.since = None  # (time, step) the current epoch's steps are timed from, for refit_to_budget
 
     def elapsed(self):
         return time.time() - self.started
@@ -76,6 +78,14 @@ class RunClock:
         """`step_seconds` from the steps timed since the first (the estimate if none were)."""
         steps = global_step - self.first[1]  # ready() set `first` at the first step it saw
         self.step_seconds = (time.perf_counter() - self.first[0]) / steps if steps else self.estimate
+
+    def time_steps_from(self, global_step):
+        self.since = (time.perf_counter(), global_step)
+
+    def seconds_a_step_since(self, global_step):
+        """Seconds a step since time_steps_from() (None without a step)."""
+        steps = global_step - self.since[1]
+        return (time.perf_counter() - self.since[0]) / steps if steps > 0 else None
 
     def steps_in_budget(self, steps_done, step_seconds, steps_per_epoch):
         """The whole run's steps for --time_budget: those taken, and as many more as fit in what is left of the

@@ -14,7 +14,7 @@ from .console import progress_bar
 from .errors import UserError
 from .evaluation import evaluate, summarize
 from .model import CausalLMLoss
-from .optimizers import lr_factor, set_learning_rate
+from .optimizers import lr_factor, set_learning_rate, wsd_decay_start
 from .pieces import make_batch, noise_inputs, shifted_windows
 from .run_clock import duration, time_one_window
 from .run_setup import set_up, windows_per_rank, wrap_for_training
@@ -252,6 +252,8 @@ def finish_epoch(run):
     """After the last step of an epoch: held-out loss, best_model/, model_epoch{N}/ and the checkpoint."""
     progress = run.state.progress
     progress.epoch += 1
+    if run.clock.fitted_here and run.args.lr_schedule == "wsd" and not run.args.average_from:
+        refit_to_budget(run)
     if run.data.eval_ids is not None:
         keep_the_best(run, progress.epoch)
     if run.processes.main:
@@ -347,6 +349,24 @@ def steps_in_budget(run, step_seconds):
     return min(fit, run.args.epochs * run.steps_per_epoch)
 
 
+def refit_to_budget(run):
+    """--time_budget with --lr_schedule wsd, at an epoch's end: the number of steps fixed again from this epoch's
+    speed while the learning rate is at its peak, where it does not depend on that number (so the run is still the
+    one --max_steps of its final number trains), and a run whose first steps were timed on a slower or faster
+    moment of the machine still ends near its budget."""
+    progress, clock = run.state.progress, run.clock
+    step_seconds = agreed_value(run.processes, clock.seconds_a_step_since(progress.global_step) or 0.0, "max")
+    if not step_seconds or progress.global_step >= run.total_steps:
+        return
+    fit = int(agreed_value(run.processes, steps_in_budget(run, step_seconds), "min"))
+    at_peak = [progress.global_step < wsd_decay_start(run.args.warmup_steps, total)
+               for total in (run.total_steps, fit)]
+    if fit != run.total_steps and all(at_peak):
+        progress.total_steps, clock.step_seconds = fit, step_seconds
+        announce_length(run, f"epoch {progress.epoch} ran at {step_seconds:.2f} s a step: --time_budget's steps "
+                             f"fixed again, the learning rate still at its peak")
+
+
 def agreed_value(processes, value, op):
     """`value` (a number) reduced over torchrun's processes with `op`, "max" or "min" (the slowest speed, the fewest
     steps), so that every process decides alike; itself in a single process."""
@@ -379,7 +399,8 @@ def speed_known(run):
         clock.epoch_seconds = agreed_value(run.processes, time_epoch_end(run), "max")
         fit = steps_in_budget(run, clock.step_seconds)  # each process's own clock started at its own moment
         progress.total_steps = int(agreed_value(run.processes, fit, "min"))
-        progress.length_fixed = True
+        progress.length_fixed = clock.fitted_here = True
+        clock.time_steps_from(progress.global_step)  # not the held-out loss and save just timed
         how += (f"; --time_budget {run.args.time_budget:g} min: the steps that fit, with {clock.epoch_seconds:.0f} s "
                 f"of held-out loss and saving an epoch")
     announce_length(run, how)
@@ -427,6 +448,7 @@ def train_epoch(run, stop):
     windows = epoch_windows(run.data, args, progress.epoch)
     first_step = progress.global_step - progress.epoch * run.steps_per_epoch
     bar, window, last_save = EpochBar(run, first_step), LogWindow(), time.time()
+    run.clock.time_steps_from(progress.global_step)
     for step_in_epoch in range(first_step, run.steps_per_epoch):
         batches, tokens = micro_batches(run, windows, order, step_in_epoch)
         step_loss = take_step(run, batches)

@@ -102,11 +102,34 @@ def test_a_time_budget_run_resumes_to_the_weights_of_its_number_of_steps(prepare
             break
     output += process.stdout.read()
     assert process.wait(timeout=300) == 130, output
-    total = int(re.search(r"([\d,]+) steps, about .* the steps that fit", output).group(1).replace(",", ""))
+    total = int(re.findall(r"([\d,]+) steps, about", output)[-1].replace(",", ""))  # fixed, maybe fixed again
     resumed = run("train.py", *flags, "--time_budget", "0.2", "--output_dir", "budget", "--resume",
                   cwd=prepared).stdout
-    assert f"of {total}" in resumed and "the steps that fit" not in resumed
+    assert f"of {total}" in resumed and "the steps that fit" not in resumed and "fixed again" not in resumed
     run("train.py", *flags, "--max_steps", total, "--output_dir", "fixed", cwd=prepared)
+    budget = load_file(prepared / "budget" / "final_model" / "model.safetensors")
+    fixed = load_file(prepared / "fixed" / "final_model" / "model.safetensors")
+    assert all(torch.equal(budget[name], fixed[name]) for name in fixed)
+
+
+def test_a_wsd_time_budget_fixes_its_steps_again_while_at_its_peak(prepared, monkeypatch, capsys):
+    """With --lr_schedule wsd the number of steps is fixed again at each epoch's end while the learning rate is at its
+    peak (there it does not depend on that number): a machine that turns out twice as fast as its first steps said
+    gets more steps, and the run is still the one --max_steps of its final number trains."""
+    from gpt2zh.run_clock import RunClock
+    from gpt2zh.training import train
+    from train import parse_args
+
+    measured = RunClock.seconds_a_step_since
+    monkeypatch.setattr(RunClock, "seconds_a_step_since", lambda clock, step: (measured(clock, step) or 0) / 2)
+    monkeypatch.chdir(prepared)
+    flags = train_args(**{"--epochs": 40, "--log_step": 1, "--batch_size": 2, "--lr_schedule": "wsd"})
+    assert train(parse_args([*flags, "--raw", "--time_budget", "0.1", "--output_dir", "budget"])) == 0
+    output = capsys.readouterr().out
+    totals = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) steps, about", output)]
+    assert "fixed again" in output and len(totals) >= 2 and totals[-1] > totals[0], output
+    monkeypatch.undo()
+    run("train.py", *flags, "--max_steps", totals[-1], "--output_dir", "fixed", cwd=prepared)
     budget = load_file(prepared / "budget" / "final_model" / "model.safetensors")
     fixed = load_file(prepared / "fixed" / "final_model" / "model.safetensors")
     assert all(torch.equal(budget[name], fixed[name]) for name in fixed)
