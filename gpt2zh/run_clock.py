@@ -46,6 +46,12 @@ def time_one_window(trained, batch, device):
             parameter.grad = None
 
 
+def seconds_a_step(mark, global_step):
+    """Seconds a step since `mark`, a (time, step) pair (None without a step since)."""
+    steps = global_step - mark[1]
+    return (time.perf_counter() - mark[0]) / steps if steps > 0 else None
+
+
 class RunClock:
     """The run's time: started at train.py's start; `step_seconds` once measured over the first steps of this
     process (None before); `epoch_seconds`, what an epoch's end costs (held-out loss, saves); with `budget`
@@ -76,16 +82,14 @@ class RunClock:
 
     def fix_speed(self, global_step):
         """`step_seconds` from the steps timed since the first (the estimate if none were)."""
-        steps = global_step - self.first[1]  # ready() set `first` at the first step it saw
-        self.step_seconds = (time.perf_counter() - self.first[0]) / steps if steps else self.estimate
+        self.step_seconds = seconds_a_step(self.first, global_step) or self.estimate  # `first`: set by ready()
 
     def time_steps_from(self, global_step):
         self.since = (time.perf_counter(), global_step)
 
     def seconds_a_step_since(self, global_step):
         """Seconds a step since time_steps_from() (None without a step)."""
-        steps = global_step - self.since[1]
-        return (time.perf_counter() - self.since[0]) / steps if steps > 0 else None
+        return seconds_a_step(self.since, global_step)
 
     def steps_in_budget(self, steps_done, step_seconds, steps_per_epoch):
         """The whole run's steps for --time_budget: those taken, and as many more as fit in what is left of the
