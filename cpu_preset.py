@@ -78,8 +78,8 @@ def evaluate_and_write(args):
                 "--log_step", 20, "--device", "cpu", "--output_dir", f"{OUTPUT}/"])
     run_script("generate.py", ["--model_path", f"{OUTPUT}/final_model", "--device", "cpu", "--length", 1000,
                 "--nsamples", 10, "--prefix", "[CLS]却说那大圣", "--topk", 40, "--topp", 1, "--temperature", 1.0,
-                "--repetition_penalty", 1.25, "--seed", args.seed, "--save_samples", "--save_samples_path",
-                f"{SAMPLES}/"])
+                "--repetition_penalty", 1.5, "--repetition_window", 32, "--seed", args.seed, "--save_samples",
+                "--save_samples_path", f"{SAMPLES}/"])
     run_script("score_samples.py", [f"{SAMPLES}/samples.txt", "--json", f"{OUTPUT}/sample_scores.json"])
 
 

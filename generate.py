@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--save_samples_path", default=".", help="folder for samples.txt")
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL's penalty on tokens already present")
     # Additions.
+    p.add_argument("--repetition_window", type=int, default=0,
+                   help="--repetition_penalty counts only the last N tokens (0: all of them, as in the original); "
+                        "the CPU preset samples with 32 and a penalty of 1.5")
     p.add_argument("--seed", type=int, default=None, help="random seed (printed when not given)")
     p.add_argument("--sampling_kernel", default="auto",
                    help="how a sampling step runs on CPU (bf16-cpp: the whole step in C++, built once per machine; "
@@ -62,7 +65,9 @@ def validate(args):
               (args.temperature <= 0, f"--temperature {args.temperature}: must be greater than 0"),
               (args.topk < 0, f"--topk {args.topk}: must be 0 (off) or more"),
               (not 0 <= args.topp <= 1, f"--topp {args.topp}: must be in (0, 1] (or 0 for off)"),
-              (args.repetition_penalty <= 0, f"--repetition_penalty {args.repetition_penalty}: must be positive")]
+              (args.repetition_penalty <= 0, f"--repetition_penalty {args.repetition_penalty}: must be positive"),
+              (args.repetition_window < 0,
+               f"--repetition_window {args.repetition_window}: must be 0 (all tokens) or more")]
     for failed, message in checks:
         if failed:
             raise UserError(message)
@@ -179,7 +184,8 @@ def main():
                     args.sampling_kernel)
     check_segment_flag(writer.tokenizer, args.segment, args.model_path)
     length = writer.n_ctx if args.length == -1 else args.length
-    processors = writer.processors(args.temperature, args.topk, args.topp, args.repetition_penalty)
+    processors = writer.processors(args.temperature, args.topk, args.topp, args.repetition_penalty,
+                                   repetition_window=args.repetition_window)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     print(f"seed: {seed}")
     samples_file, tally = open_samples_file(args), Tally()

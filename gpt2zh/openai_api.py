@@ -48,6 +48,7 @@ class CompletionRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    repetition_window: int = 0
     stream: bool = False
 
 
@@ -98,7 +99,8 @@ def parse_completion(body, folders, max_tokens):
         number(body, "top_k", int, -1, 100000, 0), strings(body, "stop", MAX_STOPS),
         number(body, "seed", int, -(2**63), 2**63 - 1, None), number(body, "presence_penalty", float, -2.0, 2.0, 0.0),
         number(body, "frequency_penalty", float, -2.0, 2.0, 0.0),
-        number(body, "repetition_penalty", float, 0.01, 10.0, 1.0), bool(body.get("stream", False)))
+        number(body, "repetition_penalty", float, 0.01, 10.0, 1.0),
+        number(body, "repetition_window", int, 0, 1_000_000, 0), bool(body.get("stream", False)))
 
 
 def chat_prompt(body):
@@ -174,7 +176,7 @@ def complete(writer, request, prompt, cancelled, on_piece=None):
     greedy = request.temperature == 0
     processors = writer.processors(1.0 if greedy else request.temperature, max(request.top_k, 0), request.top_p,
                                    request.repetition_penalty, request.presence_penalty, request.frequency_penalty,
-                                   len(prefix_ids))
+                                   len(prefix_ids), request.repetition_window)
     seed = request.seed if request.seed is not None else random.randrange(2**31)
     try:
         writer.write(prefix_ids, request.max_tokens, request.n, processors, seed, True, step, greedy=greedy)

@@ -37,11 +37,11 @@ class SuppressIds:
         return scores.index_fill(1, self.index, float("-inf"))
 
 
-def make_logits_processors(temperature, top_k, top_p, repetition_penalty, suppress_ids):
+def make_logits_processors(temperature, top_k, top_p, repetition_penalty, suppress_ids, repetition_window=0):
     """The logits processors of these settings in transformers' order: penalties and bans first, then the warpers."""
     processors = Processors()
     if repetition_penalty != 1.0:
-        processors.append(RepetitionPenalty(repetition_penalty))
+        processors.append(RepetitionPenalty(repetition_penalty, repetition_window))
     if suppress_ids:
         processors.append(SuppressIds(suppress_ids))
     if temperature != 1.0:
@@ -58,12 +58,16 @@ def make_logits_processors(temperature, top_k, top_p, repetition_penalty, suppre
 
 class RepetitionPenalty:
     """CTRL's penalty on the tokens already in a row, sign-aware: a score below 0 times `penalty`, else divided by
-    it."""
+    it. With a `window`, only the row's last `window` tokens count (llama.cpp's repeat_last_n): a small model's
+    stutter (哥哥哥哥) is stopped where it starts, and the words a novel uses again and again are not pushed aside
+    for the rest of the text."""
 
-    def __init__(self, penalty):
-        self.penalty = penalty
+    def __init__(self, penalty, window=0):
+        self.penalty, self.window = penalty, window
 
     def __call__(self, input_ids, scores):  # [B, T], [B, V]
+        if self.window:
+            input_ids = input_ids[:, -self.window:]
         score = scores.gather(1, input_ids)
         return scores.scatter(1, input_ids, torch.where(score < 0, score * self.penalty, score / self.penalty))
 
@@ -206,9 +210,10 @@ class Writer:
         return self.steps[rows]
 
     def processors(self, temperature, top_k, top_p, repetition_penalty, presence_penalty=0.0, frequency_penalty=0.0,
-                   prefix_length=0):
+                   prefix_length=0, repetition_window=0):
         """The logits processors of these settings (the OpenAI penalties count the tokens after `prefix_length`)."""
-        processors = make_logits_processors(temperature, top_k, top_p, repetition_penalty, self.suppress)
+        processors = make_logits_processors(temperature, top_k, top_p, repetition_penalty, self.suppress,
+                                            repetition_window)
         if presence_penalty or frequency_penalty:
             processors.insert(0, OccurrencePenalty(presence_penalty, frequency_penalty, prefix_length))
         return processors

@@ -18,7 +18,8 @@ from .sampling import Writer
 PAGE = Path(__file__).with_name("web_page.html")
 # setting: (lowest, highest, kind)
 LIMITS = {"length": (1, 2000, int), "nsamples": (1, 4, int), "temperature": (0.05, 5.0, float),
-          "topk": (0, 1000, int), "topp": (0.0, 1.0, float), "repetition_penalty": (0.5, 5.0, float)}
+          "topk": (0, 1000, int), "topp": (0.0, 1.0, float), "repetition_penalty": (0.5, 5.0, float),
+          "repetition_window": (0, 2000, int)}
 SKIPPED_FOLDERS = {"checkpoint"}
 
 
@@ -167,7 +168,7 @@ def write_for_page(models, settings, emit, cancelled):
     rows = PageRows(tokenizer, prefix_ids, settings["nsamples"], end_id, emit, cancelled)
     emit({"start": [s.text for s in rows.streams], "seed": settings["seed"]})
     processors = writer.processors(settings["temperature"], settings["topk"], settings["topp"],
-                                   settings["repetition_penalty"])
+                                   settings["repetition_penalty"], repetition_window=settings["repetition_window"])
     writer.write(prefix_ids, settings["length"], settings["nsamples"], processors, settings["seed"],
                  settings["stop_at_end"], rows)
     emit({"done": True, "seconds": round(time.time() - start, 2)})

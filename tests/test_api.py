@@ -85,15 +85,20 @@ def test_models_completions_streams_n_and_stop(api):
 
 def test_the_same_draws_as_generate_py(api, trained):
     """n completions with a seed are generate.py's --nsamples samples with that seed (--stop_at_end: the API ends a
-    completion at the article's end)."""
+    completion at the article's end), the repetition penalty and its window included."""
     client, _ = api
+    penalty = {"top_k": 8, "repetition_penalty": 1.5}  # llama.cpp's and vLLM's extras
     answer = client.completions.create(model="final_model", prompt="小明", max_tokens=30, n=2, seed=5,
-                                       temperature=1.0, extra_body={"top_k": 8})  # llama.cpp's and vLLM's extra
+                                       temperature=1.0, extra_body=penalty | {"repetition_window": 3})
     run("generate.py", "--device", "cpu", "--prefix", "小明", "--nsamples", "2", "--length", "30", "--seed", "5",
-        "--topk", "8", "--stop_at_end", "--save_samples", "--save_samples_path", "mnt_api", cwd=trained)
+        "--topk", "8", "--repetition_penalty", "1.5", "--repetition_window", "3", "--stop_at_end", "--save_samples",
+        "--save_samples_path", "mnt_api", cwd=trained)
     saved = re.findall(r"SAMPLE \d+ =+\n(.*?)\n=+\n", (trained / "mnt_api" / "samples.txt").read_text(encoding="utf-8"),
                        flags=re.S)
     assert saved == ["小明" + choice.text for choice in answer.choices]
+    whole_text = client.completions.create(model="final_model", prompt="小明", max_tokens=30, n=2, seed=5,
+                                           temperature=1.0, extra_body=penalty)
+    assert [c.text for c in whole_text.choices] != [c.text for c in answer.choices]  # the window is used
 
 
 def test_two_clients_at_once_each_get_their_own_text(api):

@@ -49,6 +49,7 @@ def test_missing_prefix_characters_are_named(trained):
     (["--topp", "1.5"], "--topp 1.5: must be in (0, 1]"),
     (["--topk", "-1"], "--topk -1: must be 0 (off) or more"),
     (["--temperature", "0"], "--temperature 0.0: must be greater than 0"),
+    (["--repetition_window", "-1"], "--repetition_window -1: must be 0 (all tokens) or more"),
     (["--model_path", "model/final_model/model.safetensors"], "is a file; give the folder that holds it"),
     (["--model_path", "empty"], "--model_path empty: has no config.json"),
     (["--model_path", "nowhere"], "--model_path nowhere: does not exist"),

@@ -95,6 +95,10 @@ def test_the_logits_processors_compute_what_transformers_processors_do():
              *((TopP(p), TopPLogitsWarper(p)) for p in (1e-9, 0.01, 0.5, 0.95))]
     for ours, theirs in pairs:
         assert torch.equal(ours(input_ids, scores.clone()), theirs(input_ids, scores.clone())), ours
+    # --repetition_window: transformers' penalty over the last 7 tokens, where the whole row's differs
+    windowed = RepetitionPenalty(1.3, window=7)(input_ids, scores.clone())
+    assert torch.equal(windowed, RepetitionPenaltyLogitsProcessor(1.3)(input_ids[:, -7:], scores.clone()))
+    assert not torch.equal(windowed, RepetitionPenalty(1.3)(input_ids, scores.clone()))
     chained = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7),
                                    TopKLogitsWarper(8), TopPLogitsWarper(0.9)])
     ours = make_logits_processors(0.7, 8, 0.9, 1.2, [])

@@ -17,7 +17,7 @@ pytest.importorskip("starlette", reason="the web page's extra is not installed (
 pytest.importorskip("uvicorn", reason="the web page's extra is not installed (pip install -r requirements-web.txt)")
 
 SETTINGS = {"prefix": "小明", "model": "final_model", "length": 30, "nsamples": 2, "temperature": 1.0, "topk": 40,
-            "topp": 1.0, "repetition_penalty": 1.1, "seed": 1}
+            "topp": 1.0, "repetition_penalty": 1.1, "repetition_window": 0, "seed": 1}
 
 
 def free_port():
