@@ -176,7 +176,7 @@ def complete(writer, request, prompt, cancelled, on_piece=None):
     greedy = request.temperature == 0
     processors = writer.processors(1.0 if greedy else request.temperature, max(request.top_k, 0), request.top_p,
                                    request.repetition_penalty, request.presence_penalty, request.frequency_penalty,
-                                   len(prefix_ids), request.repetition_window)
+                                   len(prefix_ids), repetition_window=request.repetition_window)
     seed = request.seed if request.seed is not None else random.randrange(2**31)
     try:
         writer.write(prefix_ids, request.max_tokens, request.n, processors, seed, True, step, greedy=greedy)

@@ -213,7 +213,7 @@ class Writer:
                    prefix_length=0, repetition_window=0):
         """The logits processors of these settings (the OpenAI penalties count the tokens after `prefix_length`)."""
         processors = make_logits_processors(temperature, top_k, top_p, repetition_penalty, self.suppress,
-                                            repetition_window)
+                                            repetition_window=repetition_window)
         if presence_penalty or frequency_penalty:
             processors.insert(0, OccurrencePenalty(presence_penalty, frequency_penalty, prefix_length))
         return processors
