@@ -1,8 +1,10 @@
 """What a user waits for: generate.py's whole command (start-up, kernel trial, prefix, sampling, printing) for the
 seed config (82M, random weights saved as a model folder once), against the memory roofline measured in this run.
 
-- 1 x 1000 and 10 x 1000 tokens (the reference command's shape), each with the kernel choice remembered and as a
-  first run on a machine (an empty kernel cache: the trial included);
+- 1 x 1000 and 10 x 1000 tokens (the reference command's shape), each as a first run on a machine (an empty cache:
+  the C++ step's build and the kernel trial included) and with the choice remembered, alternating;
+- what each command spends outside sampling (its wall less the sampling time it prints): what a first run adds,
+  apart from the sampling's own spread from run to run;
 - time to the first generated character on the screen (1 row);
 - the roofline: the bytes the decode steps must read at least (bf16 weights + bf16 cache, generate_speed.py's
   count) over the read bandwidth (x.sum() over 1 GiB, the median of readings around the runs); and the same with
@@ -11,6 +13,7 @@ Run from the project root: python bench/generate_wall.py [--repeats 2]
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -45,7 +48,9 @@ def seed_model_folder(folder):
 
 
 def timed_command(folder, rows, length, cache):
-    """(wall seconds, seconds to the first generated character or None) of one generate.py command."""
+    """(wall seconds, seconds to the first generated character or None, seconds before and after sampling) of one
+    generate.py command: the last is the wall less the sampling time it prints (start-up, build, trial, exit), what
+    a first run adds without the sampling's spread from run to run."""
     command = [sys.executable, str(ROOT / "generate.py"), "--model_path", str(folder), "--device", "cpu",
                "--length", str(length), "--nsamples", str(rows), "--topp", "1", "--prefix", PREFIX, "--seed", "1"]
     start = time.perf_counter()
@@ -59,12 +64,33 @@ def timed_command(folder, rows, length, cache):
             if after.strip():  # a character past the prefix
                 first = time.perf_counter() - start
     process.wait()
-    return time.perf_counter() - start, first
+    wall = time.perf_counter() - start
+    sampling = re.search(rb"tokens in ([\d.]+) s", seen)
+    return wall, first, wall - float(sampling[1]) if sampling else float("nan")
+
+
+def report(rows, length, first_runs, remembered, limit, int8_limit, needed, bandwidth):
+    walls, first_walls = [run[0] for run in remembered], [run[0] for run in first_runs]
+    print(f"{rows} x {length}: first run {listed(first_walls)} s, remembered {listed(walls)} s; roofline {limit:.1f} s "
+          f"({needed / 1e9:.0f} GB at {bandwidth / 1e9:.0f} GB/s): remembered {min(walls) / limit:.2f}x, first run "
+          f"{min(first_walls) / limit:.2f}x the roofline (with int8 weights and cache, {int8_limit:.1f} s: "
+          f"{min(walls) / int8_limit:.2f}x, {min(first_walls) / int8_limit:.2f}x)")
+    outside_first, outside = [run[2] for run in first_runs], [run[2] for run in remembered]
+    print(f"  outside sampling (start-up, build, trial, exit): first run {listed(outside_first)} s, remembered "
+          f"{listed(outside)} s: a first run adds {median(outside_first) - median(outside):.1f} s (medians)")
+    if rows == 1:
+        print(f"  first generated character on the screen: first run {listed(run[1] for run in first_runs)} s, "
+              f"remembered {listed(run[1] for run in remembered)} s after the command started")
+
+
+def listed(seconds):
+    return ", ".join("-" if value is None else f"{value:.1f}" for value in seconds)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each command with the choice remembered")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="first runs (each with an empty cache) and runs with the choice remembered, alternating")
     parser.add_argument("--length", type=int, default=1000)
     args = parser.parse_args()
     print(f"machine: {machine()}")
@@ -72,23 +98,17 @@ def main():
     model = seed_model_folder(work / "seed_model")
     readings = [read_bandwidth(repeats=3)]
     for rows in (1, 10):
-        cache = work / f"cache-{rows}"
-        first_run = timed_command(work / "seed_model", rows, args.length, cache)  # an empty cache: trial included
-        remembered = [timed_command(work / "seed_model", rows, args.length, cache) for _ in range(args.repeats)]
+        first_runs, remembered = [], []
+        for repeat in range(args.repeats):
+            cache = work / f"cache-{rows}-{repeat}"  # empty: the first run builds the C++ step and runs the trial
+            first_runs.append(timed_command(work / "seed_model", rows, args.length, cache))
+            remembered.append(timed_command(work / "seed_model", rows, args.length, cache))
         readings.append(read_bandwidth(repeats=3))
         needed, _ = roofline(model, rows, 8, args.length)
-        limit = needed / median(readings)
-        int8_limit = roofline(model, rows, 8, args.length, int8=True)[0] / median(readings)
-        walls = [wall for wall, _ in remembered]
-        print(f"{rows} x {args.length}: first run {first_run[0]:.1f} s, remembered " + ", ".join(
-            f"{wall:.1f}" for wall in walls) + f" s; roofline {limit:.1f} s ({needed / 1e9:.0f} GB at "
-            f"{median(readings) / 1e9:.0f} GB/s): remembered {min(walls) / limit:.2f}x, first run "
-            f"{first_run[0] / limit:.2f}x the roofline (with int8 weights and cache, {int8_limit:.1f} s: "
-            f"{min(walls) / int8_limit:.2f}x, {first_run[0] / int8_limit:.2f}x)")
-        if rows == 1:
-            firsts = [first for _, first in [first_run, *remembered] if first is not None]
-            print("  first generated character on the screen: " + ", ".join(f"{f:.1f}" for f in firsts)
-                  + " s after the command started (the first run's first)")
+        int8_needed, _ = roofline(model, rows, 8, args.length, int8=True)
+        bandwidth = median(readings)
+        report(rows, args.length, first_runs, remembered, needed / bandwidth, int8_needed / bandwidth, needed,
+               bandwidth)
     print(f"bandwidth readings: {', '.join(f'{r / 1e9:.0f}' for r in readings)} GB/s")
 
 
