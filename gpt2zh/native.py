@@ -38,6 +38,12 @@ def in_intrinsics():
     return library().gpt2_decode_arithmetic() > 0
 
 
+def in_avx2():
+    """Whether the step is written in AVX2 (with FMA): bf16 weights are widened to fp32 there, where int8 weights
+    are multiplied in integers, and int8-cpp was measured to win (decoding.BEHIND_INT8_IN_AVX2)."""
+    return ARITHMETIC[library().gpt2_decode_arithmetic()] == "AVX2 with FMA"
+
+
 def fp32(tensor):
     return tensor.detach().float().contiguous()
 

@@ -527,9 +527,10 @@ def test_a_kernel_far_behind_after_a_round_sits_the_later_rounds_out(monkeypatch
     assert timings["slow"] > 3 * timings["fast"]
 
 
-def test_the_pytorch_kernels_behind_the_cpp_step_are_timed_only_where_it_is_not_in_intrinsics(monkeypatch):
+def test_the_kernels_measured_to_lose_are_timed_only_where_they_were_not(monkeypatch):
     """Where the C++ step is written in the CPU's vector instructions (AVX2, AVX-512) the trial leaves out the
-    PyTorch kernels measured to lose to it there; where it is in portable vectors (ARM) it times every candidate."""
+    PyTorch kernels measured to lose to it there, and in AVX2 also bf16-cpp (int8-cpp won every trial there); where
+    it is in portable vectors (ARM) it times every candidate."""
     from gpt2zh import decoding, native
 
     kernels = {kernel.name: kernel for kernel in decoding.CANDIDATES}
@@ -537,11 +538,30 @@ def test_the_pytorch_kernels_behind_the_cpp_step_are_timed_only_where_it_is_not_
     monkeypatch.setattr(decoding, "rewind", lambda cache, length: None)
     monkeypatch.setattr(decoding, "prepare_entrant", lambda model, kernel, rows, keys, linears, caches: (
         SleepingStep(0.0), None, 0.0))
-    for in_intrinsics, expected in ((True, set(kernels) - decoding.BEHIND_THE_CPP_STEP), (False, set(kernels))):
+    behind = decoding.BEHIND_THE_CPP_STEP
+    for in_intrinsics, in_avx2, expected in ((True, False, set(kernels) - behind),
+                                             (True, True, set(kernels) - behind - {"bf16-cpp"}),
+                                             (False, False, set(kernels))):
         monkeypatch.setattr(native, "in_intrinsics", lambda answer=in_intrinsics: answer)
+        monkeypatch.setattr(native, "in_avx2", lambda answer=in_avx2: answer)
         timings = decoding.measure_kernels(torch.nn.Linear(2, 2), rows=1, keys=8, run_steps=100, rounds=1, steps=1)
         assert set(timings) == expected
-    assert {"bf16-cpp", "int8-cpp", "bf16-sdpa+packed"} <= set(kernels) - decoding.BEHIND_THE_CPP_STEP
+    assert {"bf16-cpp", "int8-cpp", "bf16-sdpa+packed"} <= set(kernels) - behind
+
+
+def test_a_trial_that_timed_one_candidate_does_not_call_it_the_fastest(tmp_path, monkeypatch):
+    """Where the others were left out untimed (measured to lose on CPUs of this kind), the line names the one timed
+    as such; "the fastest here" is said only of a comparison made here."""
+    from gpt2zh import kernel_trials
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for timings, wording in (({"narrow": 0.004}, "the only one timed here"), ({"narrow": 0.004, "wide": 0.008},
+                                                                            "the fastest here")):
+        lines = []
+        chosen = kernel_trials.choose("test kernel", "--test_kernel", "auto", {"wide": 0, "narrow": 0},
+                                      f"shape {len(timings)}", lambda timings=timings: timings, "a step", lines.append)
+        assert chosen == "narrow" and len(lines) == 1 and wording in lines[0], lines
+        assert ("the fastest here" in lines[0]) == (len(timings) > 1)
 
 
 def test_a_writer_starts_the_cpp_build_before_it_loads_the_model(trained, tmp_path, monkeypatch):
