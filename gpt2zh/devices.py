@@ -82,14 +82,21 @@ def pick_device(spec, flag="--device", say=print):
     return torch.device(f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu"), gpu_ids
 
 
+# oneDNN's instruction-set ceilings (ONEDNN_MAX_CPU_ISA) below its bf16 arithmetic
+ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"})
+
+
 def bf16_supported(device):
     """Whether `device` computes in bf16 at speed: CUDA GPUs that have it, Apple GPUs on macOS 14 or later (asked
-    for with --precision bf16), CPUs with AVX512-BF16 or AMX."""
+    for with --precision bf16), CPUs with AVX512-BF16 or AMX, unless oneDNN is held below them (a simulated AVX2
+    CPU, bench/simulated_avx2.py: torch still says yes there, and bf16 would run emulated)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "mps":
         newer = getattr(torch.backends.mps, "is_macos_or_newer", None)
         return bool(newer and newer(14, 0))
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ISAS_WITHOUT_BF16:
+        return False
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 

@@ -13,6 +13,8 @@ import torch
 from conftest import ROOT, run, train_args
 from safetensors.torch import load_file
 
+from gpt2zh.cpu import cpu_features
+
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "c++") is None, reason="no C++ compiler")
 
 
@@ -120,3 +122,40 @@ def test_a_trial_never_changes_a_run(prepared, tmp_path):
     for folder, reference in (("remembered", "measured"), ("interrupted", uninterrupted)):
         got, expected = weights(prepared / folder), weights(prepared / reference)
         assert all(torch.equal(got[name], expected[name]) for name in expected), (folder, reference, chosen)
+
+
+def test_onednn_held_below_bf16_means_no_fast_bf16_even_where_torch_says_yes(monkeypatch):
+    """A simulated AVX2 CPU on one with AVX512-BF16: torch still reports bf16 support, but oneDNN may not use it, so
+    --precision auto must train in fp32 there (and --precision bf16 is refused)."""
+    from gpt2zh.devices import autocast_dtype, bf16_supported
+    from gpt2zh.errors import UserError
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert bf16_supported(cpu) and autocast_dtype(cpu, "auto", fp16=False) == torch.bfloat16
+    for ceiling, fast in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True), ("ALL", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", ceiling)
+        assert bf16_supported(cpu) == fast, ceiling
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert autocast_dtype(cpu, "auto", fp16=False) is None
+    with pytest.raises(UserError, match="no fast bf16"):
+        autocast_dtype(cpu, "bf16", fp16=False)
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= cpu_features(), reason="an x86 CPU with AVX2 to hold the run to")
+def test_the_simulated_avx2_script_runs_the_command_as_on_an_avx2_cpu(tmp_path):
+    """bench/simulated_avx2.py says what the command will see, then runs it with torch's kernels, oneDNN and the
+    C++ step's build held to AVX2 (what a laptop without AVX-512 has), and returns its exit status."""
+    probe = ("import os, torch; from gpt2zh.devices import autocast_dtype, machine_key; "
+             "print('child:', torch.backends.cpu.get_cpu_capability(), autocast_dtype(torch.device('cpu'), 'auto', "
+             "False), os.environ['GPT2ZH_MARCH'], 'onednn AVX2' in machine_key()); raise SystemExit(3)")
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "simulated_avx2.py"), sys.executable, "-c", probe],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    seen, child = result.stdout.splitlines()[-2:]
+    assert seen.startswith("simulated AVX2: torch kernels AVX2 | fast bf16 False | the C++ step built for"), seen
+    if shutil.which(os.environ.get("CXX") or "c++"):
+        assert "avx2" in seen and "avx512f" not in seen, seen
+    assert child == "child: AVX2 None haswell True", child
