@@ -265,8 +265,9 @@ CANDIDATES = (
 # 1.5-6x slower than the C++ step wherever it was measured in AVX2 or AVX-512 intrinsics (Zen 3, Zen 4): timed only
 # where it is not (no compiler, or the compiler's portable vectors: ARM)
 BEHIND_THE_CPP_STEP = frozenset({"fp32-sdpa", "fp32-sdpa+fp16", "fp32-sdpa+packed"})
-# 1.7-2.9x slower than int8-cpp in every trial on the Zen 3, 1 and 10 rows: where the C++ step is in AVX2 (bf16
-# weights widened to fp32, int8 ones multiplied in integers) it is timed only when asked for by name
+# slower than int8-cpp in every trial on the Zen 3 (1.2-2.6x; models of 4 x 128 to 10 x 768, 1 to 10 rows): where
+# the C++ step is in AVX2 (bf16 weights widened to fp32, int8 ones multiplied in integers) it is timed only when
+# asked for by name
 BEHIND_INT8_IN_AVX2 = frozenset({"bf16-cpp"})
 
 
