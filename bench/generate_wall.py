@@ -69,7 +69,10 @@ def timed_command(folder, rows, length, cache):
     return wall, first, wall - float(sampling[1]) if sampling else float("nan")
 
 
-def report(rows, length, first_runs, remembered, limit, int8_limit, needed, bandwidth):
+def report(rows, length, first_runs, remembered, needed, int8_needed, bandwidth):
+    """The runs of one shape against the roofline: `needed` bytes (`int8_needed` with int8 weights and cache) at
+    `bandwidth` bytes a second."""
+    limit, int8_limit = needed / bandwidth, int8_needed / bandwidth
     walls, first_walls = [run[0] for run in remembered], [run[0] for run in first_runs]
     print(f"{rows} x {length}: first run {listed(first_walls)} s, remembered {listed(walls)} s; roofline {limit:.1f} s "
           f"({needed / 1e9:.0f} GB at {bandwidth / 1e9:.0f} GB/s): remembered {min(walls) / limit:.2f}x, first run "
@@ -106,9 +109,7 @@ def main():
         readings.append(read_bandwidth(repeats=3))
         needed, _ = roofline(model, rows, 8, args.length)
         int8_needed, _ = roofline(model, rows, 8, args.length, int8=True)
-        bandwidth = median(readings)
-        report(rows, args.length, first_runs, remembered, needed / bandwidth, int8_needed / bandwidth, needed,
-               bandwidth)
+        report(rows, args.length, first_runs, remembered, needed, int8_needed, median(readings))
     print(f"bandwidth readings: {', '.join(f'{r / 1e9:.0f}' for r in readings)} GB/s")
 
 

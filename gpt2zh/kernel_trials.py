@@ -53,8 +53,7 @@ def choose(what, flag, forced, candidates, shape, measure, unit, say=print):
     timings = ", ".join(f"{name} {ms} ms" for name, ms in ranked[:SHOWN])
     if len(ranked) > SHOWN:  # the line stays short; the file has them all
         timings += f", … {len(ranked) - SHOWN} more up to {ranked[-1][1]} ms"
-    if len(ranked) == 1:  # the others left out: measured to lose on CPUs of this kind, or unable to run here
-        say(f"{what}: {entry['choice']} ({how}: {timings} {unit}, the only one timed here; {flag} chooses another)")
-    else:
-        say(f"{what}: {entry['choice']}, the fastest here ({how}: {timings} {unit}; {flag} chooses another)")
+    alone = len(ranked) == 1  # the others left out: measured to lose on CPUs of this kind, or unable to run here
+    say(f"{what}: {entry['choice']}{'' if alone else ', the fastest here'} ({how}: {timings} {unit}"
+        f"{', the only one timed here' if alone else ''}; {flag} chooses another)")
     return entry["choice"]

@@ -41,7 +41,7 @@ def in_intrinsics():
 def in_avx2():
     """Whether the step is written in AVX2 (with FMA): bf16 weights are widened to fp32 there, where int8 weights
     are multiplied in integers, and int8-cpp was measured to win (decoding.BEHIND_INT8_IN_AVX2)."""
-    return ARITHMETIC[library().gpt2_decode_arithmetic()] == "AVX2 with FMA"
+    return arithmetic() == "AVX2 with FMA"
 
 
 def fp32(tensor):
