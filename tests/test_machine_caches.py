@@ -143,6 +143,12 @@ def test_onednn_held_below_bf16_means_no_fast_bf16_even_where_torch_says_yes(mon
     with pytest.raises(UserError, match="no fast bf16"):
         autocast_dtype(cpu, "bf16", fp16=False)
 
+    # the ceiling is oneDNN's, on the CPU: a GPU beside it keeps its own answer (a CUDA card, an Apple GPU)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True, raising=False)
+    assert bf16_supported(torch.device("cuda", 0)) and bf16_supported(torch.device("mps"))
+    assert autocast_dtype(torch.device("cuda", 0), "auto", fp16=False) == torch.bfloat16
+
 
 @pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= cpu_features(), reason="an x86 CPU with AVX2 to hold the run to")
 def test_the_simulated_avx2_script_runs_the_command_as_on_an_avx2_cpu(tmp_path):
