@@ -47,7 +47,7 @@ def test_the_recipe_follows_the_probes_speed_an_avx2_cpu_gets_the_smaller_model(
     from gpt2zh.preset import choose_recipe
 
     assert choose_recipe(28 * 60, 3315)[0].name == "4 x 256, input noise 0.05, shifted windows, wsd"
-    assert choose_recipe(28 * 60, 5500)[0].name == "4 x 320, input noise 0.1"
+    assert choose_recipe(28 * 60, 5500)[0].name == "4 x 320, input noise 0.05, shifted windows, wsd"
 
 
 def test_a_run_started_with_a_recipe_this_version_lacks_is_told_how_to_go_on():
