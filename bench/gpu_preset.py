@@ -36,7 +36,7 @@ CONTEXT = 512
 AFTER_TRAINING = 90  # seconds kept for eval.py, generate.py and score_samples.py
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("novel", help="the novel (.txt); its last chapters are held out as in the CPU preset")
     p.add_argument("--out", default="gpu_preset_results", help="folder for the data, models, logs and summary")
@@ -46,7 +46,7 @@ def parse_args():
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names of RECIPES")
     p.add_argument("--batch_size", type=int, default=32, help="windows of 512 tokens per step")
     p.add_argument("--tiny", action="store_true", help="shrink every model to 1 x 64 (a quick check on a CPU)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def model_config(shape, vocab_size, tiny):
