@@ -106,7 +106,7 @@ def main():
         print(f"continuing the preset started {time.ctime(state.started)}: done {', '.join(state.done)}")
     available = preset.cores()
     processes, threads = preset.training_processes(available)
-    print(f"{available} cores: training in {processes} process(es) of {threads} thread(s)")
+    print(f"{available} core{'s' * (available > 1)}: training in {processes} process(es) of {threads} thread(s)")
     deadline = state.started + args.minutes * 60 - min(preset.AFTER_TRAINING, args.minutes * 15)
     if "data" not in state.done:
         prepare(novels, preset.held_out_articles(novels), WORK)
