@@ -7,8 +7,8 @@ Usage, from the project root, torch with CUDA installed:
     python bench/gpu_preset.py xiyouji.txt --out /tmp/check --device cpu --tiny --minutes 3   (checks the script)
 The recipes share the GPU, so each trains fewer steps than it would alone. Measured on an H200 (docs/BENCHMARKS.md,
 2026-12-04): in 3.4 minutes 8x512-d0.3 reached 4.362 nats/char, 10/10 samples; given 9 minutes every recipe
-overfitted (its held-out loss lowest after the first epoch, 4.47-4.55, then rising to 5.7-6.4), so the default is
-the shorter run."""
+overfitted (its held-out loss lowest after its first or second epoch, 4.47-4.56, then rising to 5.7-6.4), so the
+default is the shorter run."""
 import argparse
 import json
 import re
