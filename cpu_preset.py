@@ -71,15 +71,13 @@ def train(args, recipe, budget, processes, threads, resume):
 
 
 def evaluate_and_write(args):
-    from gpt2zh.preset import run_script
+    from gpt2zh.preset import SAMPLE_FLAGS, run_script
 
     run_script("eval.py", ["--pretrained_model", f"{OUTPUT}/final_model", "--raw_data_path", f"{WORK}/eval.json",
                 "--tokenized_data_path", f"{WORK}/tokenized_eval/", "--raw", "--num_pieces", 1, "--stride", 128,
                 "--log_step", 20, "--device", "cpu", "--output_dir", f"{OUTPUT}/"])
-    run_script("generate.py", ["--model_path", f"{OUTPUT}/final_model", "--device", "cpu", "--length", 1000,
-                "--nsamples", 10, "--prefix", "[CLS]却说那大圣", "--topk", 40, "--topp", 1, "--temperature", 1.0,
-                "--repetition_penalty", 1.5, "--repetition_window", 32, "--seed", args.seed, "--save_samples",
-                "--save_samples_path", f"{SAMPLES}/"])
+    run_script("generate.py", ["--model_path", f"{OUTPUT}/final_model", "--device", "cpu", *SAMPLE_FLAGS,
+                "--seed", args.seed, "--save_samples", "--save_samples_path", f"{SAMPLES}/"])
     run_script("score_samples.py", [f"{SAMPLES}/samples.txt", "--json", f"{OUTPUT}/sample_scores.json"])
 
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cpu_preset  # noqa: E402
-from gpt2zh.preset import held_out_articles  # noqa: E402
+from gpt2zh.preset import SAMPLE_FLAGS, held_out_articles  # noqa: E402
 
 # name -> (model config beyond the vocabulary, train.py flags beyond the common ones). Dropout is the lever: the
 # seed's 82M config with dropout 0.1 overfits chapters 1-95 within 12 epochs on a GPU (4.722, docs/BENCHMARKS.md).
@@ -74,10 +74,7 @@ def commands(args, name, work, folder, budget_minutes):
                   f"{work}/eval.json", "--tokenized_data_path", f"{folder}/tokenized_eval/", "--raw",
                   "--num_pieces", "1", "--stride", "128", "--device", args.device, "--output_dir", f"{model}/"]),
         ("generate", [py, "generate.py", "--model_path", f"{model}/final_model", "--device", args.device,
-                      "--length", "1000", "--nsamples", "10", "--prefix", "[CLS]却说那大圣", "--topk", "40",
-                      "--topp", "1", "--temperature", "1.0", "--repetition_penalty", "1.5",
-                      "--repetition_window", "32", "--seed", "1", "--save_samples", "--save_samples_path",
-                      f"{samples}/"]),
+                      *SAMPLE_FLAGS, "--seed", "1", "--save_samples", "--save_samples_path", f"{samples}/"]),
         ("score", [py, "score_samples.py", f"{samples}/samples.txt", "--json", f"{folder}/sample_scores.json"]),
     ]
 

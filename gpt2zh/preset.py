@@ -23,6 +23,9 @@ WHERE_TO_GET_A_NOVEL = ("a public-domain novel, e.g. 《西游记》 from Chines
                         "(zh.wikisource.org/wiki/西遊記) or Project Gutenberg "
                         "(gutenberg.org/ebooks/search/?query=西遊記), saved as UTF-8 .txt in data/")
 AFTER_TRAINING = 90  # seconds kept for eval.py, generate.py and score_samples.py (about 30 s on 2 cores)
+# generate.py's flags for the preset's samples: 10 continuations of 1000 characters of one prefix, scored after
+SAMPLE_FLAGS = ("--length", "1000", "--nsamples", "10", "--prefix", "[CLS]却说那大圣", "--topk", "40", "--topp", "1",
+                "--temperature", "1.0", "--repetition_penalty", "1.5", "--repetition_window", "32")
 
 
 @dataclass(frozen=True)
