@@ -249,14 +249,18 @@ inline void load32(const uint16_t* p, floats& even, floats& odd) {  // 32 bf16 v
     odd = (floats)(w & 0xffff0000u);
 }
 
-typedef int8_t bytes16 __attribute__((vector_size(16)));
-
 inline void load32(const int8_t* p, floats& low, floats& high) {  // 32 int8 values
+#ifdef __AVX512F__  // GCC 12 widens a vector of bytes to floats (__builtin_convertvector) one byte at a time
+    low = (floats)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    high = (floats)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+#else
+    typedef int8_t bytes16 __attribute__((vector_size(16)));
     bytes16 first, second;
     std::memcpy(&first, p, sizeof(first));
     std::memcpy(&second, p + 16, sizeof(second));
     low = __builtin_convertvector(first, floats);
     high = __builtin_convertvector(second, floats);
+#endif
 }
 
 // One query over `length` keys and values (rows of 32 * PAIRS), in whole vectors kept in registers, 32 dims at a

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernel_trials, native, native_build
+from .cpu import cpu_features
 from .devices import bf16_supported
 from .errors import UserError
 from .model import attention_scale, context_length, weight_out_in
@@ -255,8 +256,8 @@ def preallocated_cache(model, capacity, dtype=None):
 # docs/BENCHMARKS.md ("Sampling kernels"). Without a working C++ compiler (Windows without one on PATH, say)
 # the trial chooses among the others.
 CANDIDATES = (
-    SamplingKernel("bf16", "cpp", "bf16"),  # AMD Zen 4 (AVX512-BF16): 1, 2 and 10 rows (timed before int8-cpp)
-    SamplingKernel("int8", "cpp", "int8"),  # Zen 3: 1 and 10 rows
+    SamplingKernel("bf16", "cpp", "bf16"),  # AMD Zen 4 (AVX512-BF16): the smallest model (2 x 64), 2 and 10 rows
+    SamplingKernel("int8", "cpp", "int8"),  # Zen 3 and Zen 4: 1 and 10 rows, larger models
     SamplingKernel("fp32", "sdpa", "plain"),  # Zen 3 without a compiler: 10 rows (fp32 weights)
     SamplingKernel("fp32", "sdpa", "fp16"),  # Zen 3 and Zen 4 without a compiler: 1 row
     SamplingKernel("fp32", "sdpa", "packed"),  # Zen 4 without a compiler: 10 rows (bf16 weights)
@@ -269,6 +270,10 @@ BEHIND_THE_CPP_STEP = frozenset({"fp32-sdpa", "fp32-sdpa+fp16", "fp32-sdpa+packe
 # the C++ step is in AVX2 (bf16 weights widened to fp32, int8 ones multiplied in integers) it is timed only when
 # asked for by name
 BEHIND_INT8_IN_AVX2 = frozenset({"bf16-cpp"})
+# 2.7-6.6x slower than the faster C++ step in every trial on the Zen 4 (AVX512-BF16, no AMX; models of 2 x 64 to
+# 10 x 768, 1 to 10 rows): where the C++ step multiplies in AVX512-BF16 pair dot products it is timed only on a CPU
+# with AMX, whose tiles oneDNN's packed bf16 layers use
+BEHIND_BF16_DOTS_WITHOUT_AMX = frozenset({"bf16-sdpa+packed"})
 
 
 def applies(kernel, weights):
@@ -299,7 +304,9 @@ def rewind(cache, length):
 def prepare_entrant(model, kernel, rows, keys, linears, caches):
     """A candidate's step, ready to be timed over its cache (shared by the candidates of one cache dtype) filled
     with `keys` positions, and the seconds its set-up took (copying weights, warming oneDNN up). Candidates of one
-    kind of linear layers share their copies of the weights (`linears`)."""
+    kind of linear layers share their copies of the weights (`linears`). The cache holds a window of n_ctx tokens, as
+    a run's does: each row's and head's keys then lie farther apart, and the Zen 4's steps over it took 12-18% longer
+    than over a cache of `keys` + 1 (a trial that promised a run's steps 15-40% too little)."""
     start = time.perf_counter()
     ids = torch.full((rows,), 5, dtype=torch.long, device=next(model.parameters()).device)
     if kernel.linear not in linears and kernel.attention != "cpp":
@@ -307,7 +314,8 @@ def prepare_entrant(model, kernel, rows, keys, linears, caches):
     step = decode_step(model, kernel, rows, linears.get(kernel.linear))
     cache = caches.get(kernel.cache)
     if cache is None:
-        cache = caches[kernel.cache] = preallocated_cache(model, keys + 1, kernel.cache_dtype)
+        capacity = max(keys + 1, context_length(model.config))
+        cache = caches[kernel.cache] = preallocated_cache(model, capacity, kernel.cache_dtype)
         step(ids, cache)  # allocates the buffers
         for layer in cache.layers:
             layer.pretend_filled(keys)
@@ -331,7 +339,8 @@ def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=3, say=print, 
     fastest of a few promised too little). One FAR_BEHIND the fastest after a round sits the later rounds out: it
     cannot win, and its steps are the trial's longest. A candidate that cannot run here (no C++ compiler) is left
     out, in one line; so are those BEHIND_THE_CPP_STEP where it is written in this CPU's vector instructions, and
-    those BEHIND_INT8_IN_AVX2 where it is written in AVX2 (a first run's trial then takes 0.2-0.6 s less).
+    those BEHIND_INT8_IN_AVX2 where it is written in AVX2 (a first run's trial then takes 0.2-0.6 s less), and those
+    BEHIND_BF16_DOTS_WITHOUT_AMX where it multiplies in AVX512-BF16 on a CPU without AMX (0.4-0.8 s less).
     `prepared` (a dict), when given, receives each candidate's step by name, ready for a run of `rows` rows."""
     ids = torch.full((rows,), 5, dtype=torch.long, device=next(model.parameters()).device)
     linears, caches, entrants = {}, {}, {}
@@ -342,6 +351,8 @@ def measure_kernels(model, rows, keys, run_steps, rounds=3, steps=3, say=print, 
             left_out = BEHIND_THE_CPP_STEP if native.in_intrinsics() else frozenset()  # built once per machine
             if native.in_avx2() and "int8-cpp" in candidates:
                 left_out |= BEHIND_INT8_IN_AVX2
+            if native.in_bf16_dots() and "amx_bf16" not in cpu_features():
+                left_out |= BEHIND_BF16_DOTS_WITHOUT_AMX
         except UserError as error:
             say(f"sampling kernel{'s' * (len(in_cpp) > 1)} {', '.join(in_cpp)} left out: {error}")
             left_out = in_cpp

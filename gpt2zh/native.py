@@ -44,6 +44,12 @@ def in_avx2():
     return arithmetic() == "AVX2 with FMA"
 
 
+def in_bf16_dots():
+    """Whether the step multiplies bf16 weights by AVX512-BF16's pair dot products, where oneDNN's packed bf16
+    kernels were measured to lose to it unless the CPU has AMX (decoding.BEHIND_BF16_DOTS_WITHOUT_AMX)."""
+    return arithmetic() == "AVX512-BF16 pair dot products"
+
+
 def fp32(tensor):
     return tensor.detach().float().contiguous()
 

@@ -529,8 +529,9 @@ def test_a_kernel_far_behind_after_a_round_sits_the_later_rounds_out(monkeypatch
 
 def test_the_kernels_measured_to_lose_are_timed_only_where_they_were_not(monkeypatch):
     """Where the C++ step is written in the CPU's vector instructions (AVX2, AVX-512) the trial leaves out the
-    PyTorch kernels measured to lose to it there, and in AVX2 also bf16-cpp (int8-cpp won every trial there); where
-    it is in portable vectors (ARM) it times every candidate."""
+    PyTorch kernels measured to lose to it there; in AVX2 also bf16-cpp (int8-cpp won every trial there), and with
+    AVX512-BF16 dot products on a CPU without AMX bf16-sdpa+packed (oneDNN's packed bf16 layers use AMX where it is);
+    where it is in portable vectors (ARM) it times every candidate."""
     from gpt2zh import decoding, native
 
     kernels = {kernel.name: kernel for kernel in decoding.CANDIDATES}
@@ -539,13 +540,18 @@ def test_the_kernels_measured_to_lose_are_timed_only_where_they_were_not(monkeyp
     monkeypatch.setattr(decoding, "prepare_entrant", lambda model, kernel, rows, keys, linears, caches: (
         SleepingStep(0.0), None, 0.0))
     behind = decoding.BEHIND_THE_CPP_STEP
-    for in_intrinsics, in_avx2, expected in ((True, False, set(kernels) - behind),
-                                             (True, True, set(kernels) - behind - {"bf16-cpp"}),
-                                             (False, False, set(kernels))):
-        monkeypatch.setattr(native, "in_intrinsics", lambda answer=in_intrinsics: answer)
-        monkeypatch.setattr(native, "in_avx2", lambda answer=in_avx2: answer)
+    avx512, zen4, xeon_with_amx = {"avx2", "avx512f"}, {"avx2", "avx512f", "avx512_bf16"}, {"avx512_bf16", "amx_bf16"}
+    for arithmetic, features, expected in (("AVX-512", avx512, set(kernels) - behind),
+                                           ("AVX2 with FMA", {"avx2"}, set(kernels) - behind - {"bf16-cpp"}),
+                                           ("AVX512-BF16 pair dot products", zen4,
+                                            set(kernels) - behind - {"bf16-sdpa+packed"}),
+                                           ("AVX512-BF16 pair dot products", xeon_with_amx, set(kernels) - behind),
+                                           ("the compiler's portable vectors", {"asimd"}, set(kernels))):
+        monkeypatch.setattr(native, "arithmetic", lambda answer=arithmetic: answer)
+        monkeypatch.setattr(native, "in_intrinsics", lambda answer=arithmetic: answer in native.ARITHMETIC[1:])
+        monkeypatch.setattr(decoding, "cpu_features", lambda answer=features: answer)
         timings = decoding.measure_kernels(torch.nn.Linear(2, 2), rows=1, keys=8, run_steps=100, rounds=1, steps=1)
-        assert set(timings) == expected
+        assert set(timings) == expected, arithmetic
     assert {"bf16-cpp", "int8-cpp", "bf16-sdpa+packed"} <= set(kernels) - behind
 
 
