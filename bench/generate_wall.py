@@ -6,6 +6,8 @@ seed config (82M, random weights saved as a model folder once), against the memo
 - what each command spends outside sampling (its wall less the sampling time it prints): what a first run adds,
   apart from the sampling's own spread from run to run;
 - time to the first generated character on the screen (1 row);
+- whether the trial predicts the run: the chosen kernel's steps over a 1000-token run of the seed config (timed one
+  by one, in this process, with the choice a first run above remembered) against the step time that trial measured;
 - the roofline: the bytes the decode steps must read at least (bf16 weights + bf16 cache, generate_speed.py's
   count) over the read bandwidth (x.sum() over 1 GiB, the median of readings around the runs); and the same with
   int8 weights and cache (the int8-cpp kernel's bytes), beside it.
@@ -69,6 +71,36 @@ def timed_command(folder, rows, length, cache):
     return wall, first, wall - float(sampling[1]) if sampling else float("nan")
 
 
+def trial_against_run(folder, rows, length, cache):
+    """(the kernel a first run chose with `cache`, the step it measured, the mean of its steps over a run of
+    `length` tokens): the run in this process, each step timed."""
+    import json
+
+    import torch
+
+    from gpt2zh.sampling import Writer
+
+    os.environ["XDG_CACHE_HOME"] = str(cache)  # the first run's build and trial, remembered
+    writer = Writer(folder, device=torch.device("cpu"), rows=rows, say=lambda line: None)
+    step = writer.decode_step(rows)
+    remembered = json.loads((cache / "gpt2zh" / "kernel_choices.json").read_text(encoding="utf-8"))
+    entry = next(entry for key, entry in remembered.items() if f"| {rows} rows," in key)
+    steps = []
+
+    def timed(ids, layers):
+        start = time.perf_counter()
+        logits = step(ids, layers)
+        steps.append(time.perf_counter() - start)
+        return logits
+
+    timed.kernel, timed.threads = step.kernel, step.threads
+    writer.steps[rows] = timed
+    tokenizer = writer.tokenizer
+    prefix = [tokenizer.convert_tokens_to_ids("[CLS]"), *map(tokenizer.convert_tokens_to_ids, PREFIX[5:])]
+    writer.write(prefix, length, rows, writer.processors(1.0, 8, 1.0, 1.0), seed=1)
+    return entry["choice"], entry["ms"][entry["choice"]] / 1e3, sum(steps) / len(steps)
+
+
 def report(rows, length, first_runs, remembered, needed, int8_needed, bandwidth):
     """The runs of one shape against the roofline: `needed` bytes (`int8_needed` with int8 weights and cache) at
     `bandwidth` bytes a second."""
@@ -110,6 +142,9 @@ def main():
         needed, _ = roofline(model, rows, 8, args.length)
         int8_needed, _ = roofline(model, rows, 8, args.length, int8=True)
         report(rows, args.length, first_runs, remembered, needed, int8_needed, median(readings))
+        kernel, trial, run = trial_against_run(work / "seed_model", rows, args.length, work / f"cache-{rows}-0")
+        print(f"  the trial's prediction: {kernel} {trial * 1e3:.2f} ms a step; its steps over a run of "
+              f"{args.length} tokens {run * 1e3:.2f} ms: {run / trial:.2f}x the trial's")
     print(f"bandwidth readings: {', '.join(f'{r / 1e9:.0f}' for r in readings)} GB/s")
 
 

@@ -22,9 +22,10 @@ class PreallocatedCache:
 
     def __init__(self, layers):
         self.layers = layers
+        self.pointers = None  # the C++ step's pointers to the layers' buffers (native.NativeDecodeStep.buffers)
 
     def get_seq_length(self):
-        return self.layers[0].keys.shape[2] if self.layers[0].is_initialized else 0
+        return self.layers[0].length
 
 
 class PreallocatedLayer:
@@ -37,6 +38,7 @@ class PreallocatedLayer:
 
     def __init__(self, capacity, dtype=None):
         self.capacity, self.dtype, self.is_initialized = capacity, dtype, False
+        self.length = 0  # positions filled: a number, as the C++ step moves it on ten layers every step
 
     def lazy_initialization(self, key_states, value_states):
         batch, heads, _, head_dim = key_states.shape  # [B, H, T, D]
@@ -44,13 +46,12 @@ class PreallocatedLayer:
         self.key_buffer = torch.empty(batch, heads, self.capacity, head_dim, dtype=self.dtype or key_states.dtype,
                                       device=self.device)
         self.value_buffer = torch.empty_like(self.key_buffer)
-        self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
         self.is_initialized = True
 
     def update(self, key_states, value_states):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        start = self.keys.shape[2]
+        start = self.length
         self.store(start, key_states, value_states)
         self.rewind(start + key_states.shape[2])
         return self.attended(key_states.dtype)
@@ -74,7 +75,15 @@ class PreallocatedLayer:
 
     def rewind(self, length):
         """Forget the positions from `length` on (the next update writes there)."""
-        self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+        self.length = length
+
+    @property
+    def keys(self):  # [B, H, length, D]
+        return self.key_buffer[:, :, :self.length]
+
+    @property
+    def values(self):
+        return self.value_buffer[:, :, :self.length]
 
 
 class QuantizedLayer(PreallocatedLayer):
@@ -98,7 +107,7 @@ class QuantizedLayer(PreallocatedLayer):
         self.key_scales[:, :, start:end], self.value_scales[:, :, start:end] = key_scale[..., 0], value_scale[..., 0]
 
     def attended(self, dtype):
-        end = self.keys.shape[2]
+        end = self.length
         return tuple((levels * scales[:, :, :end, None]).to(dtype)
                      for levels, scales in ((self.keys, self.key_scales), (self.values, self.value_scales)))
 

@@ -211,17 +211,15 @@ class NativeDecodeStep:
         self.inner = config.n_inner or 4 * config.n_embd
         self.threads = ThreadCount()
 
-    @torch.no_grad()
-    def __call__(self, ids, cache):
-        """ids [B]: each row's newest token, at the position after the cache's; returns logits [B, vocab] (fp32)."""
-        config, rows = self.config, ids.shape[0]
-        cached = cache.get_seq_length()
-        hidden = (self.wte[ids].float() + self.wpe[cached].float()).contiguous()  # [B, C]
-        head_dim = config.n_embd // config.n_head
-        buffers, dtype = [], self.kernel.cache_dtype
+    def buffers(self, cache, rows):
+        """The C++ step's pointers to the cache's buffers (keys, values, their int8 scales, each layer), checked and
+        made on its first step of `rows` rows, kept on the cache: its buffers stay where they are."""
+        config, dtype, buffers = self.config, self.kernel.cache_dtype, []
+        if cache.pointers is not None and cache.pointers[:2] == (dtype, rows):
+            return cache.pointers[2]
         for layer in cache.layers:
             if not layer.is_initialized:  # a cache no forward pass has filled yet (the kernel trial's)
-                empty = torch.empty(rows, config.n_head, 0, head_dim, dtype=dtype)
+                empty = torch.empty(rows, config.n_head, 0, config.n_embd // config.n_head, dtype=dtype)
                 layer.lazy_initialization(empty, empty)
             if layer.key_buffer.dtype != dtype or layer.key_buffer.shape[0] != rows:
                 raise ValueError(f"{self.kernel.name} steps {rows} rows over a {dtype} cache, got "
@@ -229,6 +227,16 @@ class NativeDecodeStep:
             scales = (layer.key_scales, layer.value_scales) if dtype == torch.int8 else (None, None)
             buffers += [buffer.data_ptr() if buffer is not None else None
                         for buffer in (layer.key_buffer, layer.value_buffer, *scales)]
+        cache.pointers = dtype, rows, (ctypes.c_void_p * len(buffers))(*buffers)
+        return cache.pointers[2]
+
+    @torch.no_grad()
+    def __call__(self, ids, cache):
+        """ids [B]: each row's newest token, at the position after the cache's; returns logits [B, vocab] (fp32)."""
+        config, rows = self.config, ids.shape[0]
+        cached = cache.get_seq_length()
+        hidden = (self.wte[ids].float() + self.wpe[cached].float()).contiguous()  # [B, C]
+        buffers = self.buffers(cache, rows)
         capacity = cache.layers[0].key_buffer.shape[2]
         if cached + 1 > capacity:  # the C++ side writes at position `cached` unchecked
             raise ValueError(f"the cache holds {capacity} tokens; slide the window before stepping past it")
@@ -237,7 +245,7 @@ class NativeDecodeStep:
         self.lib.gpt2_decode_step(
             rows, config.n_layer, config.n_embd, config.n_head, self.inner, config.vocab_size, cached, capacity,
             threads, ACTIVATIONS[config.activation_function], config.layer_norm_epsilon,
-            self.scales, self.pointers, (ctypes.c_void_p * len(buffers))(*buffers), hidden.data_ptr(),
+            self.scales, self.pointers, buffers, hidden.data_ptr(),
             logits.data_ptr())
         self.threads.record(threads, time.perf_counter() - start)
         for layer in cache.layers:

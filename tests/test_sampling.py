@@ -607,6 +607,28 @@ def test_the_cpp_step_writes_the_same_logits_on_any_number_of_threads():
         assert all(torch.equal(results[0], other) for other in results[1:]), name
 
 
+def test_the_cpp_step_refuses_a_cache_of_other_rows_another_dtype_or_no_room_left():
+    """It keeps its pointers to a cache's buffers from the first step on; a cache it cannot write into is refused at
+    every step, not only the first: the C++ side writes unchecked."""
+    from gpt2zh.decoding import decode_step, kernel_candidates, preallocated_cache
+
+    torch.manual_seed(0)
+    model = build_model(load_config(TINY_CONFIG)).eval().to(torch.bfloat16)
+    kernels = kernel_candidates(model)
+    step = decode_step(model, kernels["int8-cpp"], rows=2)
+    cache = preallocated_cache(model, 3, torch.int8)
+    for _ in range(3):
+        step(torch.tensor([4, 5]), cache)
+    with pytest.raises(ValueError, match="slide the window"):
+        step(torch.tensor([4, 5]), cache)
+    for layer in cache.layers:
+        layer.rewind(1)
+    with pytest.raises(ValueError, match="steps 3 rows over"):
+        step(torch.tensor([4, 5, 6]), cache)
+    with pytest.raises(ValueError, match="over a torch.bfloat16 cache"):
+        decode_step(model, kernels["bf16-cpp"], rows=2)(torch.tensor([4, 5]), cache)
+
+
 @pytest.mark.skipif(platform.system() != "Linux", reason="GOMP_CPU_AFFINITY is GNU OpenMP's (Linux)")
 def test_the_cpp_step_runs_on_one_thread_when_its_threads_would_share_a_core():
     """The case of a machine whose other cores are busy, made certain: GNU OpenMP told to put both threads on core 0
