@@ -9,8 +9,9 @@ seed config (82M, random weights saved as a model folder once), against the memo
 - whether the trial predicts the run: the chosen kernel's steps over a 1000-token run of the seed config (timed one
   by one, in this process, with the choice a first run above remembered) against the step time that trial measured;
 - the roofline: the bytes the decode steps must read at least (bf16 weights + bf16 cache, generate_speed.py's
-  count) over the read bandwidth (x.sum() over 1 GiB, the median of readings around the runs); and the same with
-  int8 weights and cache (the int8-cpp kernel's bytes), beside it.
+  count) over the read bandwidth (x.sum() over 1 GiB, the median of readings before and after each command of the
+  shape: this VM's readings moved between 26 and 57 GB/s within minutes); and the same with int8 weights and cache
+  (the int8-cpp kernel's bytes), beside it.
 Run from the project root: python bench/generate_wall.py [--repeats 2]
 """
 import argparse
@@ -131,21 +132,21 @@ def main():
     print(f"machine: {machine()}")
     work = Path(tempfile.mkdtemp(prefix="gpt2zh-wall-"))
     model = seed_model_folder(work / "seed_model")
-    readings = [read_bandwidth(repeats=3)]
     for rows in (1, 10):
-        first_runs, remembered = [], []
+        first_runs, remembered, readings = [], [], [read_bandwidth(repeats=3)]
         for repeat in range(args.repeats):
             cache = work / f"cache-{rows}-{repeat}"  # empty: the first run builds the C++ step and runs the trial
             first_runs.append(timed_command(work / "seed_model", rows, args.length, cache))
+            readings.append(read_bandwidth(repeats=3))
             remembered.append(timed_command(work / "seed_model", rows, args.length, cache))
-        readings.append(read_bandwidth(repeats=3))
+            readings.append(read_bandwidth(repeats=3))
         needed, _ = roofline(model, rows, 8, args.length)
         int8_needed, _ = roofline(model, rows, 8, args.length, int8=True)
         report(rows, args.length, first_runs, remembered, needed, int8_needed, median(readings))
+        print(f"  bandwidth read before and after each command: {', '.join(f'{r / 1e9:.0f}' for r in readings)} GB/s")
         kernel, trial, run = trial_against_run(work / "seed_model", rows, args.length, work / f"cache-{rows}-0")
         print(f"  the trial's prediction: {kernel} {trial * 1e3:.2f} ms a step; its steps over a run of "
               f"{args.length} tokens {run * 1e3:.2f} ms: {run / trial:.2f}x the trial's")
-    print(f"bandwidth readings: {', '.join(f'{r / 1e9:.0f}' for r in readings)} GB/s")
 
 
 if __name__ == "__main__":
