@@ -28,7 +28,7 @@ REQUESTS = {  # endpoint: the body of one 1000-token continuation, sampled as ge
     "/v1/completions": {"model": "seed_model", "prompt": PREFIX, "max_tokens": LENGTH, "stream": True, "top_p": 1,
                         "top_k": 8, "seed": 1},
     "/api/generate": {"model": "seed_model", "prefix": PREFIX, "length": LENGTH, "nsamples": 1, "temperature": 1.0,
-                      "topk": 8, "topp": 1.0, "repetition_penalty": 1.0, "seed": 1},
+                      "topk": 8, "topp": 1.0, "repetition_penalty": 1.0, "repetition_window": 0, "seed": 1},
 }
 
 
