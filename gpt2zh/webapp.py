@@ -7,6 +7,7 @@ import json
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,12 +87,21 @@ class Admission:
 
 
 class Models:
-    """Model folders loaded on first use (the last two kept), and the turn that lets one continuation run."""
+    """Model folders loaded on first use (the last two kept), the turn that lets one continuation run, and the one
+    thread that loads and samples (`run`). A continuation sampled on each request's own thread ran at two thirds of
+    generate.py's speed on a 2-core Zen 4: every thread that has run OpenMP work keeps a team of OpenMP threads, and
+    once the process has more of them than the CPU has cores, GNU OpenMP stops spinning between parallel regions and
+    puts its threads to sleep, to be woken at each of the C++ step's 50 regions a token (docs/BENCHMARKS.md)."""
 
     def __init__(self, models_dir, device, precision):
         self.models_dir, self.device, self.precision = Path(models_dir), device, precision
         self.loaded = {}
         self.turn = threading.Lock()
+        self.sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampling")
+
+    def run(self, work, *args):
+        """work(*args) on the sampling thread; its result, or its exception raised here."""
+        return self.sampler.submit(work, *args).result()
 
     def writer(self, name):
         if name not in self.loaded:
@@ -122,7 +132,7 @@ def continue_beginning(models, admission, settings, emit, cancelled):
     try:
         if cancelled.is_set():
             return
-        write_for_page(models, settings, emit, cancelled)
+        models.run(write_for_page, models, settings, emit, cancelled)
     except Cancelled:
         pass
     except UserError as error:
@@ -181,7 +191,8 @@ def write_for_api(models, admission, request, cancelled, emit, chat=False):
         if not models.take_turn(cancelled):
             return
         try:
-            body = run_completion(models.writer(request.model), request, cancelled, lambda c: emit(("chunk", c)), chat)
+            body = models.run(lambda: run_completion(models.writer(request.model), request, cancelled,
+                                                     lambda chunk: emit(("chunk", chunk)), chat))
             emit(("done", body))
         finally:
             models.turn.release()
@@ -231,7 +242,7 @@ def create_app(models_dir, device, precision, default_model=None, settings=None)
         routes += [Route("/", index), Route("/api/models", list_models_page),
                    Route("/api/generate", generate_page, methods=["POST"])]
     if default_model:
-        server.models.writer(default_model)  # the first continuation should not wait for loading
+        server.models.run(server.models.writer, default_model)  # the first continuation should not wait for loading
     app = Starlette(routes=routes)
     app.state.server = server
     return app

@@ -161,3 +161,49 @@ def test_a_broken_model_folder_gets_a_message_not_a_hang(server, trained):
     finally:
         shutil.rmtree(broken)
     assert len(received) == 1 and "weights cannot be loaded" in received[0]["error"], received
+
+
+def test_every_continuation_is_loaded_and_sampled_on_one_thread(trained, monkeypatch):
+    """Each request has its own thread, but the model is loaded and every continuation sampled on the one sampling
+    thread (Models.run): a thread that runs OpenMP work keeps a team of OpenMP threads, and with more of them than
+    cores GNU OpenMP wakes its threads from sleep at every parallel region (a continuation at two thirds of
+    generate.py's speed). Simulated without HTTP: the page's handler on two request threads and the API's on a third,
+    one after the other."""
+    import torch
+
+    from gpt2zh import openai_api, sampling, webapp
+
+    threads = []
+    load, write = sampling.Writer.__init__, sampling.Writer.write
+
+    def loading(self, *args, **kwargs):
+        threads.append(("load", threading.get_ident()))
+        load(self, *args, **kwargs)
+
+    def writing(self, *args, **kwargs):
+        threads.append(("write", threading.get_ident()))
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(sampling.Writer, "__init__", loading)
+    monkeypatch.setattr(sampling.Writer, "write", writing)
+    models, admission = webapp.Models(trained / "model", torch.device("cpu"), "auto"), webapp.Admission(4)
+    models.run(models.writer, "final_model")
+    settings = webapp.check_settings(SETTINGS, webapp.model_folders(trained / "model"))
+    completion = openai_api.parse_completion({"model": "final_model", "prompt": "小明", "max_tokens": 10},
+                                             webapp.model_folders(trained / "model"), 100)
+    events = []
+
+    def on_a_request_thread(handler, *arguments):  # as start_writing runs them
+        assert admission.enter()
+        thread = threading.Thread(target=handler, args=(models, admission, *arguments))
+        thread.start()
+        thread.join(timeout=120)
+
+    on_a_request_thread(webapp.continue_beginning, settings, events.append, threading.Event())
+    on_a_request_thread(webapp.continue_beginning, settings, events.append, threading.Event())
+    on_a_request_thread(webapp.write_for_api, completion, threading.Event(), events.append)
+    assert [kind for kind, _ in threads] == ["load", "write", "write", "write"]
+    assert len({ident for _, ident in threads}) == 1 and threads[0][1] != threading.get_ident()
+    ends = [event for event in events if isinstance(event, dict) and "done" in event or
+            isinstance(event, tuple) and event[0] == "done"]
+    assert len(ends) == 3, events
