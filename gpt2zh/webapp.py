@@ -89,9 +89,10 @@ class Admission:
 class Models:
     """Model folders loaded on first use (the last two kept), the turn that lets one continuation run, and the one
     thread that loads and samples (`run`). A continuation sampled on each request's own thread ran at two thirds of
-    generate.py's speed on a 2-core Zen 4: every thread that has run OpenMP work keeps a team of OpenMP threads, and
-    once the process has more of them than the CPU has cores, GNU OpenMP stops spinning between parallel regions and
-    puts its threads to sleep, to be woken at each of the C++ step's 50 regions a token (docs/BENCHMARKS.md)."""
+    generate.py's speed on a 2-core Zen 4 (the C++ step on two threads 5.2 ms where it takes 2.4): every thread that
+    has run OpenMP work keeps its own team of OpenMP threads, and where a process has more of them than cores, GNU
+    OpenMP spins only 100 times before it puts a waiting thread to sleep (its GOMP_SPINCOUNT), to be woken at each of
+    the step's ~50 parallel regions (docs/BENCHMARKS.md)."""
 
     def __init__(self, models_dir, device, precision):
         self.models_dir, self.device, self.precision = Path(models_dir), device, precision
