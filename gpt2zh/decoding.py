@@ -315,7 +315,7 @@ def prepare_entrant(model, kernel, rows, keys, linears, caches):
     with `keys` positions, and the seconds its set-up took (copying weights, warming oneDNN up). Candidates of one
     kind of linear layers share their copies of the weights (`linears`). The cache holds a window of n_ctx tokens, as
     a run's does: each row's and head's keys then lie farther apart, and the Zen 4's steps over it took 8-18% longer
-    than over a cache of `keys` + 1 (a trial that promised a run's steps 15-40% too little)."""
+    than over a cache of `keys` + 1, the trial's before."""
     start = time.perf_counter()
     ids = torch.full((rows,), 5, dtype=torch.long, device=next(model.parameters()).device)
     if kernel.linear not in linears and kernel.attention != "cpp":
