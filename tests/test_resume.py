@@ -91,7 +91,9 @@ def test_a_save_killed_half_way_keeps_the_previous_checkpoint(tmp_path):
 def test_a_time_budget_run_resumes_to_the_weights_of_its_number_of_steps(prepared):
     """--time_budget fixes the number of steps once the first are timed and keeps it in the checkpoint: interrupted
     and resumed, the run takes exactly those steps (no new timing), ending with the weights of --max_steps N."""
-    flags = train_args(**{"--epochs": 40, "--log_step": 1, "--batch_size": 2, "--lr_schedule": "wsd"})
+    # epochs enough that the budget, not --epochs, bounds the steps: on a fast moment of a Zen 4 (0.01 s a step)
+    # 40 epochs were the first fit's 600 steps, and no refit could add any
+    flags = train_args(**{"--epochs": 200, "--log_step": 1, "--batch_size": 2, "--lr_schedule": "wsd"})
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, "--raw", "--time_budget", "0.2",
                                 "--output_dir", "budget"], cwd=prepared, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
