@@ -79,12 +79,13 @@ def trial_against_run(folder, rows, length, cache):
 
     import torch
 
+    from gpt2zh.kernel_trials import choices_file
     from gpt2zh.sampling import Writer
 
     os.environ["XDG_CACHE_HOME"] = str(cache)  # the first run's build and trial, remembered
     writer = Writer(folder, device=torch.device("cpu"), rows=rows, say=lambda line: None)
     step = writer.decode_step(rows)
-    remembered = json.loads((cache / "gpt2zh" / "kernel_choices.json").read_text(encoding="utf-8"))
+    remembered = json.loads(choices_file().read_text(encoding="utf-8"))
     entry = next(entry for key, entry in remembered.items() if f"| {rows} rows," in key)
     steps = []
 

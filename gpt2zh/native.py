@@ -35,7 +35,7 @@ def arithmetic():
 def in_intrinsics():
     """Whether the step is written in this CPU's vector instructions (AVX2 or AVX-512), where the PyTorch kernels
     were measured to lose to it (decoding.BEHIND_THE_CPP_STEP), or in the compiler's portable vectors (ARM, say)."""
-    return library().gpt2_decode_arithmetic() > 0
+    return arithmetic() != ARITHMETIC[0]
 
 
 def in_avx2():

@@ -567,7 +567,6 @@ def test_the_kernels_measured_to_lose_are_timed_only_where_they_were_not(monkeyp
                                            ("AVX512-BF16 pair dot products", xeon_with_amx, set(kernels) - behind),
                                            ("the compiler's portable vectors", {"asimd"}, set(kernels))):
         monkeypatch.setattr(native, "arithmetic", lambda answer=arithmetic: answer)
-        monkeypatch.setattr(native, "in_intrinsics", lambda answer=arithmetic: answer in native.ARITHMETIC[1:])
         monkeypatch.setattr(decoding, "cpu_features", lambda answer=features: answer)
         timings = decoding.measure_kernels(torch.nn.Linear(2, 2), rows=1, keys=8, run_steps=100, rounds=1, steps=1)
         assert set(timings) == expected, arithmetic
